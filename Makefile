@@ -1,0 +1,23 @@
+# The two set-up commands of the README:
+#   make repro   installs into .venv (first time only) and runs `dvc repro` on params.yaml
+#   make test    installs into .venv (first time only) and runs the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: repro test install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet pip==26.3
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+repro: $(STAMP)
+	PATH="$(BIN):$$PATH" dvc repro
+
+test: $(STAMP)
+	PATH="$(BIN):$$PATH" python -m pytest -q

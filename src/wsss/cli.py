@@ -1,0 +1,74 @@
+"""``wsss``: the command line. DVC stages call it through ``pipelines/<stage>.py``.
+
+Errors in the user's data or parameters print one line per problem on stderr and exit with
+status 2; the stage's outputs are then absent (they are written atomically at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wsss.errors import WsssError
+
+EXIT_USER_ERROR = 2
+
+
+def _stage_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text)
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    parser.add_argument("--root", default=None, help="project root (default: the folder holding dvc.yaml)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _stage_parser(subparsers, "prepare", "materialise the dataset into data/prepared")
+    _stage_parser(subparsers, "split", "drop person labels, balance, split train/val/test")
+    _stage_parser(subparsers, "check-params", "validate a parameters file and exit")
+    vendor = subparsers.add_parser("vendor-fashion-mnist", help="rebuild the committed Fashion-MNIST subset")
+    vendor.add_argument("--from", dest="source", default="/usr/share/datasets/fashion-mnist", help="folder with the four *-ubyte.gz files")
+    vendor.add_argument("--out", default="data/sources/fashion-mnist", help="output folder")
+    vendor.add_argument("--train-per-class", type=int, default=400)
+    vendor.add_argument("--test-per-class", type=int, default=150)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    from wsss.config import load_params
+    from wsss.tracking import project_root
+
+    if args.command == "vendor-fashion-mnist":
+        from wsss.data.fashion_mnist import SUBSET_FILE, build_subset, write_subset
+
+        arrays = build_subset(Path(args.source), {"train": args.train_per_class, "test": args.test_per_class})
+        write_subset(arrays, Path(args.out) / SUBSET_FILE)
+        print(f"wrote {Path(args.out) / SUBSET_FILE}")
+        return
+
+    root = Path(args.root).resolve() if args.root else project_root()
+    params_path = Path(args.params) if Path(args.params).is_absolute() else root / args.params
+    params = load_params(params_path)
+    if args.command == "check-params":
+        print(f"{params_path}: valid")
+        return
+
+    from wsss.stages import data
+
+    {"prepare": data.run_prepare, "split": data.run_split}[args.command](params, root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except WsssError as error:
+        print(f"wsss {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

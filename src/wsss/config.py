@@ -1,0 +1,278 @@
+"""Typed parameters: the schema of ``params.yaml``, validated when a stage starts.
+
+Every group belongs to one pipeline step (``data``, ``classifier``, ``cams``, ``irnet``,
+``segmenter``, ``evaluate``); ``seed`` makes CPU runs repeatable and ``tracking`` names the
+MLflow experiment. Unknown keys, wrong types and out-of-range values raise
+:class:`~wsss.errors.ConfigError`, whose message names the dotted key (``data.balance.factor``).
+The same schema validates the CPU default (``params.yaml``) and the paper profile
+(``profiles/paper.yaml``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from wsss.errors import ConfigError
+
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "t_shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+)
+"""Fashion-MNIST class names in the order of its label ids 0..9."""
+
+SKIMAGE_BACKGROUNDS: tuple[str, ...] = (
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "rocket",
+    "stereo_motorcycle",
+)
+"""Photos and textures shipped inside the scikit-image wheel (loadable offline)."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_range(pair: tuple[float, float], name: str) -> None:
+    if pair[0] > pair[1]:
+        raise ValueError(f"{name}: minimum {pair[0]} is greater than maximum {pair[1]}")
+
+
+class EmbeddedParams(_Group):
+    """The synthetic dataset: Fashion-MNIST objects pasted on blurred, darkened photo crops."""
+
+    classes: list[Literal[FASHION_MNIST_CLASSES]] = Field(min_length=2)  # type: ignore[valid-type]
+    head_classes: list[Literal[FASHION_MNIST_CLASSES]] = []  # type: ignore[valid-type]
+    head_weight: float = Field(4.0, ge=1.0)
+    num_train: int = Field(ge=1)
+    num_heldout: int = Field(ge=2)
+    image_size: int = Field(ge=16, le=1024)
+    objects_per_image: tuple[int, int] = (1, 3)
+    object_scale: tuple[float, float] = (0.45, 0.65)
+    person_frequency: float = Field(0.5, ge=0.0, le=1.0)
+    person_scale: tuple[float, float] = (0.7, 0.95)
+    min_visible: float = Field(0.5, gt=0.0, le=1.0)
+    backgrounds: list[Literal[SKIMAGE_BACKGROUNDS]] = Field(min_length=1)  # type: ignore[valid-type]
+    background_blur: float = Field(1.5, ge=0.0)
+    background_brightness: float = Field(0.55, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> EmbeddedParams:
+        _check_range(self.objects_per_image, "objects_per_image")
+        if self.objects_per_image[0] < 1:
+            raise ValueError("objects_per_image: every image needs at least one object")
+        for name in ("object_scale", "person_scale"):
+            low, high = getattr(self, name)
+            _check_range((low, high), name)
+            if low <= 0 or high > 1:
+                raise ValueError(f"{name}: scales are fractions of the image side in (0, 1]")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes: a class is listed twice")
+        unknown = sorted(set(self.head_classes) - set(self.classes))
+        if unknown:
+            raise ValueError(f"head_classes: {unknown} are not in classes")
+        return self
+
+
+class VocParams(_Group):
+    """PASCAL VOC 2012 layout under ``data.root`` (labels are derived from the masks)."""
+
+    mask_dir: str = "SegmentationClass"
+    train_list: str = "ImageSets/Segmentation/train.txt"
+    val_list: str = "ImageSets/Segmentation/val.txt"
+
+
+class LidParams(_Group):
+    """LID 2020 layout as the authors' code reads it (paths relative to ``data.root``)."""
+
+    train_list: str = "ILSVRC/Data/DET/train/train.json"
+    val_list: str = "LID_track1/val/val.json"
+    val_masks: str = "LID_track1/val/masks"
+    image_extension: str = ".JPEG"
+
+
+class BalanceParams(_Group):
+    """Class balancing of the training split by downsampling.
+
+    ``cap = factor * count(reference class)``, the reference being the rarest class (``min``) or
+    the median class (``median``) of the training split; ``none`` keeps every image.
+    """
+
+    rule: Literal["none", "min", "median"] = "median"
+    factor: float = Field(1.5, ge=1.0)
+
+
+class DataParams(_Group):
+    source: Literal["embedded", "voc", "lid"]
+    root: str
+    person_class: str
+    person_label_drop: float = Field(ge=0.0, le=1.0)
+    drop_person_labels: bool = True
+    balance: BalanceParams = BalanceParams()
+    test_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    embedded: EmbeddedParams | None = None
+    voc: VocParams = VocParams()
+    lid: LidParams = LidParams()
+
+    @model_validator(mode="after")
+    def _person_known(self) -> DataParams:
+        if self.source == "embedded" and self.embedded is None:
+            raise ValueError("embedded: required when data.source is embedded")
+        if self.source == "embedded" and self.person_class not in self.embedded.classes:
+            raise ValueError(
+                f"person_class: {self.person_class!r} is not one of data.embedded.classes "
+                f"{list(self.embedded.classes)}"
+            )
+        return self
+
+
+class ClassifierParams(_Group):
+    """Step 1 classifier (consumed by the ``train_classifier`` stage)."""
+
+    arch: Literal["small_cnn", "vgg16_bn_d1"]
+    weights: str = "none"  # none | imagenet | path to a local state dict
+    extra_convs: int = Field(4, ge=0)
+    image_size: int = Field(ge=16)
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    lr_backbone: float = Field(gt=0)
+    lr_head: float = Field(gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+
+
+class CamParams(_Group):
+    """Step 1 CAMs and dense CRF."""
+
+    scales: list[float] = Field([1.0, 0.5, 1.5, 2.0], min_length=1)
+    normalize: Literal["per_class", "global"] = "per_class"
+    eval_threshold: float = Field(0.15, gt=0, lt=1)
+
+
+class IrnetParams(_Group):
+    """Step 2: IR labels, IRNet and the random walk."""
+
+    backbone: Literal["classifier", "resnet50"] = "classifier"
+    confidence_cutoff: float = Field(0.8, ge=0, le=1)
+    conf_fg: float = Field(0.30, gt=0, lt=1)
+    conf_bg: float = Field(0.05, gt=0, lt=1)
+    threshold: float = Field(0.3, gt=0, lt=1)
+    lr_displacement: float = Field(0.05, gt=0)
+    lr_boundary: float = Field(0.005, gt=0)
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> IrnetParams:
+        if self.conf_bg >= self.conf_fg:
+            raise ValueError(f"conf_bg: {self.conf_bg} must be below conf_fg ({self.conf_fg})")
+        return self
+
+
+class SegmenterParams(_Group):
+    """Step 3: DeepLabv3+ trained on the pseudo masks."""
+
+    encoder: str
+    encoder_weights: str = "none"  # none | imagenet | path
+    output_stride: Literal[8, 16] = 16
+    image_size: int = Field(ge=16)
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-6, ge=0)
+
+
+class EvaluateParams(_Group):
+    tta_scales: list[float] = Field([0.5, 1.0, 2.0], min_length=1)
+
+
+class TrackingParams(_Group):
+    experiment: str = Field("wsss", min_length=1)
+
+
+class Params(_Group):
+    """The whole ``params.yaml``."""
+
+    seed: int = Field(ge=0)
+    tracking: TrackingParams = TrackingParams()
+    data: DataParams
+    classifier: ClassifierParams
+    cams: CamParams = CamParams()
+    irnet: IrnetParams = IrnetParams()
+    segmenter: SegmenterParams
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _format_location(location: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in location) or "<top level>"
+
+
+def validate_params(raw: Any, source: str | Path = "params.yaml") -> Params:
+    """Validate a parsed YAML document; raise :class:`ConfigError` naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("<top level>", "expected a mapping of parameter groups")])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            location = _format_location(item["loc"])
+            if item["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif item["type"] == "missing":
+                message = "required key is missing"
+            else:
+                message = item["msg"].removeprefix("Value error, ")
+                field, sep, rest = message.partition(": ")
+                if sep and field.isidentifier():
+                    # a model-level check names its field first: make it part of the key
+                    location, message = f"{location}.{field}", rest
+                elif "input" in item and not isinstance(item["input"], dict):
+                    message += f" (got {item['input']!r})"
+            problems.append((location, message))
+        raise ConfigError(source, problems) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a parameters file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, [("<file>", "parameters file not found")]) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(path, [("<file>", f"not valid YAML: {error}")]) from None
+    return validate_params(raw, path)
+
+
+def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested groups into dotted keys (``data.balance.rule``) for MLflow."""
+    mapping = params.model_dump() if isinstance(params, BaseModel) else params
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,132 @@
+"""``prepare``: materialise the chosen source into ``data/prepared/`` (images, masks, manifest).
+
+Every image is decoded completely and every mask checked (same size as its image, values class
+ids or 255) before anything is written; the folder appears only when all of it is valid
+(:func:`wsss.io.atomic_dir`). Training images' person labels are then removed with probability
+``data.person_label_drop``: the missing-label noise of LID (set 0 for real LID data).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from wsss.config import DataParams, Params
+from wsss.data import embedded
+from wsss.data.fashion_mnist import SUBSET_FILE, load_pools
+from wsss.data.manifest import ImageRecord, Manifest, save_manifest
+from wsss.data.sources import SourceItem, SourceListing, read_lid, read_voc
+from wsss.errors import ConfigError, DataError
+from wsss.io import IGNORE_INDEX, atomic_dir, read_image, read_mask, write_image_png, write_mask_png
+
+MANIFEST_NAME = "manifest.json"
+_NOISE_STREAM = 7
+
+
+def labels_in_mask(mask: np.ndarray) -> tuple[int, ...]:
+    """Class ids present in a mask (background 0 and ignore 255 excluded)."""
+    return tuple(int(value) for value in np.unique(mask) if value not in (0, IGNORE_INDEX))
+
+
+def check_mask(mask: np.ndarray, image_shape: tuple[int, int], num_classes: int, path: Path) -> None:
+    """Raise :class:`DataError` if ``mask`` does not fit its image or holds unknown values."""
+    if mask.shape != image_shape:
+        raise DataError(path, f"mask size {mask.shape[1]}x{mask.shape[0]} differs from its image's {image_shape[1]}x{image_shape[0]}")
+    values = np.unique(mask)
+    bad = [int(v) for v in values if v >= num_classes and v != IGNORE_INDEX]
+    if bad:
+        raise DataError(path, f"mask values {bad} are neither class ids 0..{num_classes - 1} nor {IGNORE_INDEX}")
+
+
+def drop_person_labels_randomly(records: list[ImageRecord], person: int, probability: float, seed: int) -> list[ImageRecord]:
+    """Remove ``person`` from each training record's labels with ``probability`` (LID-like noise)."""
+    if probability <= 0:
+        return records
+    rng = np.random.default_rng([seed, _NOISE_STREAM])
+    noisy = []
+    for record in records:
+        draw = rng.uniform()  # one draw per record keeps the stream aligned across records
+        if record.subset == "train" and person in record.labels and draw < probability:
+            labels = tuple(label for label in record.labels if label != person)
+            record = replace(record, labels=labels, source_labels=labels)
+        noisy.append(record)
+    return noisy
+
+
+def _person_id(class_names: tuple[str, ...], data: DataParams) -> int:
+    if data.person_class not in class_names[1:]:
+        raise ConfigError("params.yaml", [("data.person_class", f"{data.person_class!r} is not a class of the {data.source} dataset (classes: {', '.join(class_names[1:])})")])
+    return class_names.index(data.person_class)
+
+
+def _prepare_embedded(params: Params, root: Path, staging: Path) -> tuple[tuple[str, ...], list[ImageRecord]]:
+    spec = params.data.embedded
+    pools = load_pools(root / SUBSET_FILE)
+    class_names = ("background", *spec.classes)
+    records = []
+    for subset, count in (("train", spec.num_train), ("heldout", spec.num_heldout)):
+        composites = embedded.generate(spec, pools, subset, count, params.seed, params.data.person_class)
+        for index, composite in enumerate(tqdm(composites, total=count, desc=f"prepare {subset}", unit="img")):
+            image_id = f"{subset}_{index:05d}"
+            write_image_png(staging / "images" / f"{image_id}.png", composite.image)
+            write_mask_png(staging / "masks" / f"{image_id}.png", composite.mask)
+            labels = labels_in_mask(composite.mask)
+            if not labels:
+                raise DataError(staging / "masks" / f"{image_id}.png", "generated image has no object; lower data.embedded.min_visible or the object scales")
+            records.append(ImageRecord(image_id, subset, f"images/{image_id}.png", f"masks/{image_id}.png", labels, labels, labels, {"objects": composite.objects}))
+    return class_names, records
+
+
+def _materialise(item: SourceItem, staging: Path, num_classes: int) -> ImageRecord:
+    """Verify one source image (and mask), copy it into ``staging``; return its record."""
+    image = read_image(item.image)
+    image_name = f"images/{item.id}{item.image.suffix.lower()}"
+    shutil.copyfile(item.image, staging / image_name)
+    mask_name, mask_labels = None, None
+    if item.mask is not None:
+        mask = read_mask(item.mask)
+        check_mask(mask, image.shape[:2], num_classes, item.mask)
+        mask_name = f"masks/{item.id}.png"
+        write_mask_png(staging / mask_name, mask)
+        mask_labels = labels_in_mask(mask)
+    labels = item.labels if item.labels is not None else mask_labels
+    if not labels:
+        raise DataError(item.mask or item.image, "image has no label (no class given and none in its mask)")
+    return ImageRecord(item.id, item.subset, image_name, mask_name, labels, labels, mask_labels, item.provenance)
+
+
+def _prepare_files(listing: SourceListing, staging: Path, workers: int) -> list[ImageRecord]:
+    ids = [item.id for item in listing.items]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(next(it.image for it in listing.items if it.id == duplicate), f"image id {duplicate!r} listed twice")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        jobs = pool.map(lambda item: _materialise(item, staging, len(listing.class_names)), listing.items)
+        return list(tqdm(jobs, total=len(listing.items), desc="prepare", unit="img"))
+
+
+def prepare_dataset(params: Params, root: Path, out_dir: Path, workers: int | None = None) -> Manifest:
+    """Build ``out_dir`` (images/, masks/, manifest.json) from ``params.data``; all or nothing."""
+    data = params.data
+    root = Path(root)
+    with atomic_dir(Path(out_dir)) as staging:
+        (staging / "images").mkdir()
+        (staging / "masks").mkdir()
+        if data.source == "embedded":
+            class_names, records = _prepare_embedded(params, root, staging)
+        else:
+            listing = read_voc(root, data.voc) if data.source == "voc" else read_lid(root, data.lid)
+            _person_id(listing.class_names, data)  # fail before copying anything
+            class_names = listing.class_names
+            records = _prepare_files(listing, staging, workers or os.cpu_count() or 1)
+        person = _person_id(class_names, data)
+        records = drop_person_labels_randomly(records, person, data.person_label_drop, params.seed)
+        manifest = Manifest(data.source, class_names, person, tuple(records), staging)
+        save_manifest(manifest, staging / MANIFEST_NAME)
+    return Manifest(data.source, class_names, person, tuple(records), Path(out_dir).resolve())

@@ -1,0 +1,158 @@
+"""The data stages as DVC runs them: read params, compute, write outputs atomically, log MLflow.
+
+Outputs (relative to the project root)::
+
+    prepare  data/prepared/{images,masks,manifest.json}   metrics/prepare.json
+    split    data/splits/{train,val,test}.json             metrics/data.json
+             plots/data/class_histogram.csv (dvc plots)    class_histogram.png (MLflow artifact)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from wsss import tracking
+from wsss.config import Params, flatten
+from wsss.data.manifest import Manifest, load_manifest
+from wsss.data.prepare import MANIFEST_NAME, prepare_dataset
+from wsss.data.split import SplitResult, split_records, write_splits
+from wsss.io import atomic_write_bytes, write_json
+
+PREPARED_DIR = Path("data/prepared")
+SPLITS_DIR = Path("data/splits")
+PREPARE_METRICS = Path("metrics/prepare.json")
+DATA_METRICS = Path("metrics/data.json")
+CLASS_HISTOGRAM = Path("plots/data/class_histogram.csv")
+
+
+def _prepare_params(params: Params) -> dict:
+    data = params.data
+    group = {"seed": params.seed, "data.source": data.source, "data.root": data.root,
+             "data.person_class": data.person_class, "data.person_label_drop": data.person_label_drop}
+    source_group = {"embedded": data.embedded, "voc": data.voc, "lid": data.lid}[data.source]
+    group.update(flatten(source_group.model_dump(), f"data.{data.source}."))
+    return group
+
+
+def _split_params(params: Params) -> dict:
+    data = params.data
+    return {"seed": params.seed, "data.drop_person_labels": data.drop_person_labels,
+            "data.test_fraction": data.test_fraction, **flatten(data.balance.model_dump(), "data.balance.")}
+
+
+def source_root(params: Params, root: Path) -> Path:
+    return (root / params.data.root).resolve()
+
+
+def prepare_metrics(manifest: Manifest) -> dict:
+    subsets = {name: len(manifest.subset(name)) for name in ("train", "heldout")}
+    return {
+        "source": manifest.source,
+        "num_classes": manifest.num_classes - 1,
+        "images": subsets,
+        "train_with_masks": sum(r.mask is not None for r in manifest.subset("train")),
+    }
+
+
+def run_prepare(params: Params, root: Path) -> Manifest:
+    """The ``prepare`` stage."""
+    inputs = {"source": source_root(params, root)}
+    with tracking.stage_run("prepare", params.tracking.experiment, _prepare_params(params), inputs, root):
+        import mlflow
+
+        manifest = prepare_dataset(params, inputs["source"], root / PREPARED_DIR)
+        metrics = prepare_metrics(manifest)
+        write_json(root / PREPARE_METRICS, metrics)
+        mlflow.log_metrics({"images_train": metrics["images"]["train"], "images_heldout": metrics["images"]["heldout"], "num_classes": metrics["num_classes"]})
+        mlflow.log_artifact(str(root / PREPARED_DIR / MANIFEST_NAME))
+    return manifest
+
+
+def data_metrics(manifest: Manifest, result: SplitResult) -> dict:
+    names = manifest.class_names
+    return {
+        "sizes": {"train": len(result.train), "val": len(result.val), "test": len(result.test)},
+        "train_pool": len(manifest.subset("train")),
+        "unlabelled_after_person_drop": result.unlabelled,
+        "removed_by_balancing": len(manifest.subset("train")) - result.unlabelled - len(result.train),
+        "balance_cap": result.cap,
+        "person_class": names[manifest.person_class] if manifest.person_class is not None else None,
+        "person_label_drop_rate_observed": result.person_drop_rate,
+        "class_counts_before": {names[c]: n for c, n in result.counts_before.items()},
+        "class_counts_after": {names[c]: n for c, n in result.counts_after.items()},
+        "max_class_count_after": max(result.counts_after.values(), default=0),
+    }
+
+
+def class_histogram_rows(manifest: Manifest, result: SplitResult) -> list[dict]:
+    return [
+        {"class": manifest.class_names[c], "before_balancing": result.counts_before[c], "after_balancing": result.counts_after[c]}
+        for c in result.counts_before
+    ]
+
+
+def _csv_bytes(rows: list[dict]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def class_histogram_figure(rows: list[dict], cap: int | None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axis = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.5))
+    positions = np.arange(len(rows))
+    axis.barh(positions - 0.2, [r["before_balancing"] for r in rows], height=0.4, label="before balancing")
+    axis.barh(positions + 0.2, [r["after_balancing"] for r in rows], height=0.4, label="after balancing")
+    if cap is not None:
+        axis.axvline(cap, color="black", linestyle="--", linewidth=1, label=f"cap {cap}")
+    axis.set_yticks(positions, [r["class"] for r in rows])
+    axis.invert_yaxis()
+    axis.set_xlabel("training images with the label")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def _close(figure) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def run_split(params: Params, root: Path) -> SplitResult:
+    """The ``split`` stage."""
+    manifest = load_manifest(root / PREPARED_DIR / MANIFEST_NAME)
+    inputs = {"prepared": root / PREPARED_DIR}
+    with tracking.stage_run("split", params.tracking.experiment, _split_params(params), inputs, root):
+        import mlflow
+
+        result = split_records(manifest, params)
+        metrics = data_metrics(manifest, result)
+        rows = class_histogram_rows(manifest, result)
+        write_splits(manifest, result, root / SPLITS_DIR)
+        atomic_write_bytes(root / CLASS_HISTOGRAM, _csv_bytes(rows))
+        write_json(root / DATA_METRICS, metrics)
+
+        flat = {f"size_{k}": v for k, v in metrics["sizes"].items()}
+        flat["unlabelled_after_person_drop"] = metrics["unlabelled_after_person_drop"]
+        flat["removed_by_balancing"] = metrics["removed_by_balancing"]
+        flat["max_class_count_after"] = metrics["max_class_count_after"]
+        if result.cap is not None:
+            flat["balance_cap"] = result.cap
+        if result.person_drop_rate is not None:
+            flat["person_label_drop_rate_observed"] = result.person_drop_rate
+        mlflow.log_metrics(flat)
+        figure = class_histogram_figure(rows, result.cap)
+        mlflow.log_figure(figure, "class_histogram.png")
+        _close(figure)
+        mlflow.log_artifact(str(root / DATA_METRICS))
+    return result

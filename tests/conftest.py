@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny parameter sets, temporary projects and a pre-migrated MLflow store."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wsss.config import Params, validate_params
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_SUBSET = REPO / "data/sources/fashion-mnist/fashion_mnist_subset.npz"
+
+TINY = {
+    "data.embedded.num_train": 80,
+    "data.embedded.num_heldout": 24,
+    "data.embedded.image_size": 32,
+}
+
+
+def set_dotted(document: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = document
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def default_document() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def make_document(overrides: dict | None = None, tiny: bool = True) -> dict:
+    document = copy.deepcopy(default_document())
+    for key, value in {**(TINY if tiny else {}), **(overrides or {})}.items():
+        set_dotted(document, key, value)
+    return document
+
+
+def make_params(overrides: dict | None = None, tiny: bool = True) -> Params:
+    return validate_params(make_document(overrides, tiny))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A temporary project root with the Fashion-MNIST subset and a tiny params.yaml."""
+    root = tmp_path / "project"
+    (root / "data/sources/fashion-mnist").mkdir(parents=True)
+    shutil.copy(FASHION_SUBSET, root / "data/sources/fashion-mnist")
+    (root / "params.yaml").write_text(yaml.safe_dump(make_document()))
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite database migrated once per session (a fresh one costs ~1.5 s)."""
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.search_experiments()  # creates and migrates the tables
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, _migrated_store: Path, monkeypatch) -> str:
+    """A private MLflow store for one test, exported as ``MLFLOW_TRACKING_URI``."""
+    import mlflow
+
+    store = tmp_path / "mlruns"
+    store.mkdir()
+    shutil.copy(_migrated_store, store / "mlflow.db")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, make_document
+from wsss.cli import EXIT_USER_ERROR, main
+from wsss.config import ConfigError, flatten, load_params, validate_params
+
+
+def test_default_params_and_paper_profile_validate():
+    default = load_params(REPO / "params.yaml")
+    paper = load_params(REPO / "profiles/paper.yaml")
+    assert default.data.source == "embedded" and default.classifier.arch == "small_cnn"
+    assert paper.classifier.arch == "vgg16_bn_d1" and paper.classifier.extra_convs == 4
+    assert (paper.classifier.lr_backbone, paper.classifier.lr_head) == (1e-4, 1e-3)
+    assert paper.irnet.backbone == "resnet50" and paper.irnet.confidence_cutoff == 0.8
+    assert (paper.irnet.lr_displacement, paper.irnet.lr_boundary) == (0.05, 0.005)
+    assert paper.segmenter.encoder == "resnet50" and paper.segmenter.lr == 1e-3
+    assert paper.data.source in ("lid", "voc") and paper.data.person_class == "person"
+
+
+def _problems(overrides: dict) -> str:
+    with pytest.raises(ConfigError) as caught:
+        validate_params(make_document(overrides, tiny=False))
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "fragment"),
+    [
+        ({"data.balance.foo": 1}, "data.balance.foo", "unknown key"),
+        ({"segmentor": {"lr": 1}}, "segmentor", "unknown key"),
+        ({"data.embedded.image_size": "big"}, "data.embedded.image_size", "'big'"),
+        ({"data.person_label_drop": 1.5}, "data.person_label_drop", "less than or equal to 1"),
+        ({"data.source": "coco"}, "data.source", "'coco'"),
+        ({"data.balance.rule": "upsample"}, "data.balance.rule", "'upsample'"),
+        ({"data.embedded.objects_per_image": [3, 1]}, "data.embedded.objects_per_image", "greater than maximum"),
+        ({"data.embedded.classes": ["t_shirt", "parrot"]}, "data.embedded.classes.1", "'parrot'"),
+        ({"data.person_class": "person"}, "data.person_class", "not one of data.embedded.classes"),
+        ({"irnet.conf_bg": 0.5}, "irnet.conf_bg", "below conf_fg"),
+        ({"segmenter.output_stride": 32}, "segmenter.output_stride", "32"),
+    ],
+)
+def test_bad_values_name_their_key(overrides, key, fragment):
+    message = _problems(overrides)
+    line = next((line for line in message.splitlines() if f": {key}: " in line), None)
+    assert line is not None, message
+    assert fragment in line
+
+
+def test_missing_seed_is_reported():
+    document = make_document(tiny=False)
+    del document["seed"]
+    with pytest.raises(ConfigError, match=r"seed: required key is missing"):
+        validate_params(document)
+
+
+def test_cli_rejects_bad_params_with_exit_code(tmp_path: Path, capsys):
+    document = make_document({"data.balance.factor": 0.5})
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(document))
+    assert main(["check-params", "--root", str(tmp_path), "--params", str(bad)]) == EXIT_USER_ERROR
+    assert "data.balance.factor" in capsys.readouterr().err
+    (tmp_path / "broken.yaml").write_text("data: [unclosed\n")
+    assert main(["check-params", "--root", str(tmp_path), "--params", str(tmp_path / "broken.yaml")]) == EXIT_USER_ERROR
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_flatten_gives_dotted_keys():
+    params = validate_params(make_document())
+    flat = flatten(params)
+    assert flat["data.balance.rule"] == params.data.balance.rule
+    assert flat["data.embedded.image_size"] == 32
+    assert not any(isinstance(value, dict) for value in flat.values())
