@@ -59,7 +59,13 @@ def break_outside(voc: Path) -> str:
     return "points outside the dataset root"
 
 
-@pytest.mark.parametrize("breaker", [break_corrupt, break_truncated, break_missing, break_mask_size, break_mask_value, break_no_label, break_outside])
+def break_duplicate(voc: Path) -> str:
+    (voc / "ImageSets/Segmentation/val.txt").write_text("b1\na1\n")
+    return "image id 'a1' is listed more than once"
+
+
+@pytest.mark.parametrize("breaker", [break_corrupt, break_truncated, break_missing, break_mask_size, break_mask_value,
+                                     break_no_label, break_outside, break_duplicate])
 def test_bad_voc_input_fails_cleanly(tmp_path, project, mlflow_store, capsys, breaker):
     voc = write_voc(tmp_path / "VOC2012", GOOD_TRAIN, GOOD_VAL)
     expected = breaker(voc)

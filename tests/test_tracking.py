@@ -42,8 +42,9 @@ def test_each_data_stage_logs_one_run_with_params_metrics_and_lineage(project, m
     assert split["metrics.size_train"] == metrics["sizes"]["train"]
     assert split["metrics.person_label_drop_rate_observed"] == pytest.approx(metrics["person_label_drop_rate_observed"])
     assert split["tags.wsss.input.prepared"] == prepared_hash
-    artifacts = {item.path for item in mlflow.MlflowClient().list_artifacts(split["run_id"])}
-    assert {"class_histogram.png", "data.json"} <= artifacts
+    client = mlflow.MlflowClient()
+    assert {"train_samples.png", "manifest.json"} <= {item.path for item in client.list_artifacts(prepare["run_id"])}
+    assert {"class_histogram.png", "data.json"} <= {item.path for item in client.list_artifacts(split["run_id"])}
     store_folder = Path(mlflow_store.removeprefix("sqlite:///")).parent
     assert (store_folder / "artifacts/wsss").is_dir()  # artifacts sit beside the SQLite store
 

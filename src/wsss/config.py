@@ -69,14 +69,14 @@ class EmbeddedParams(_Group):
     num_train: int = Field(ge=1)
     num_heldout: int = Field(ge=2)
     image_size: int = Field(ge=16, le=1024)
-    objects_per_image: tuple[int, int] = (1, 3)
+    objects_per_image: tuple[int, int] = (1, 2)
     object_scale: tuple[float, float] = (0.45, 0.65)
     person_frequency: float = Field(0.5, ge=0.0, le=1.0)
     person_scale: tuple[float, float] = (0.7, 0.95)
-    min_visible: float = Field(0.5, gt=0.0, le=1.0)
+    min_visible: float = Field(0.7, gt=0.0, le=1.0)
     backgrounds: list[Literal[SKIMAGE_BACKGROUNDS]] = Field(min_length=1)  # type: ignore[valid-type]
-    background_blur: float = Field(1.5, ge=0.0)
-    background_brightness: float = Field(0.55, gt=0.0, le=1.0)
+    background_blur: float = Field(2.5, ge=0.0)
+    background_brightness: float = Field(0.45, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _ranges(self) -> EmbeddedParams:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,14 +102,19 @@ def _materialise(item: SourceItem, staging: Path, num_classes: int) -> ImageReco
     return ImageRecord(item.id, item.subset, image_name, mask_name, labels, labels, mask_labels, item.provenance)
 
 
-def _prepare_files(listing: SourceListing, staging: Path, workers: int) -> list[ImageRecord]:
-    ids = [item.id for item in listing.items]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise DataError(next(it.image for it in listing.items if it.id == duplicate), f"image id {duplicate!r} listed twice")
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        jobs = pool.map(lambda item: _materialise(item, staging, len(listing.class_names)), listing.items)
-        return list(tqdm(jobs, total=len(listing.items), desc="prepare", unit="img"))
+def _prepare_files(listing: SourceListing, staging: Path, workers: int, chunk: int = 256) -> list[ImageRecord]:
+    duplicates = [image_id for image_id, n in Counter(item.id for item in listing.items).items() if n > 1]
+    if duplicates:
+        first = next(item for item in listing.items if item.id == duplicates[0])
+        raise DataError(first.image, f"image id {duplicates[0]!r} is listed more than once")
+    records: list[ImageRecord] = []
+    # chunks: a bad file stops the stage after at most one chunk of work, not after all of it
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(listing.items), desc="prepare", unit="img") as progress:
+        for start in range(0, len(listing.items), chunk):
+            batch = listing.items[start : start + chunk]
+            records.extend(pool.map(lambda item: _materialise(item, staging, len(listing.class_names)), batch))
+            progress.update(len(batch))
+    return records
 
 
 def prepare_dataset(params: Params, root: Path, out_dir: Path, workers: int | None = None) -> Manifest:

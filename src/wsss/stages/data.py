@@ -13,12 +13,12 @@ import csv
 import io
 from pathlib import Path
 
-from wsss import tracking
+from wsss import tracking, visualize
 from wsss.config import Params, flatten
 from wsss.data.manifest import Manifest, load_manifest
 from wsss.data.prepare import MANIFEST_NAME, prepare_dataset
 from wsss.data.split import SplitResult, split_records, write_splits
-from wsss.io import atomic_write_bytes, write_json
+from wsss.io import atomic_write_bytes, read_image, read_mask, write_json
 
 PREPARED_DIR = Path("data/prepared")
 SPLITS_DIR = Path("data/splits")
@@ -56,6 +56,23 @@ def prepare_metrics(manifest: Manifest) -> dict:
     }
 
 
+def samples_figure(manifest: Manifest, count: int = 8):
+    """Training samples: image above its mask overlay, titled with the given labels
+    (a person present in the mask but missing from the labels is marked)."""
+    records = manifest.subset("train")[:count]
+    images = [read_image(manifest.image_path(r)) for r in records]
+    overlays = [visualize.overlay(image, read_mask(manifest.mask_path(r))) if r.mask else image
+                for image, r in zip(images, records, strict=True)]
+    titles = []
+    for record in records:
+        names = [manifest.class_names[c] for c in record.labels]
+        person = manifest.person_class
+        if record.mask_labels and person in record.mask_labels and person not in record.labels:
+            names.append(f"({manifest.class_names[person]} unlabelled)")
+        titles.append("\n".join(names))
+    return visualize.image_grid([images, overlays], titles=titles)
+
+
 def run_prepare(params: Params, root: Path) -> Manifest:
     """The ``prepare`` stage."""
     inputs = {"source": source_root(params, root)}
@@ -67,6 +84,9 @@ def run_prepare(params: Params, root: Path) -> Manifest:
         write_json(root / PREPARE_METRICS, metrics)
         mlflow.log_metrics({"images_train": metrics["images"]["train"], "images_heldout": metrics["images"]["heldout"], "num_classes": metrics["num_classes"]})
         mlflow.log_artifact(str(root / PREPARED_DIR / MANIFEST_NAME))
+        figure = samples_figure(manifest)
+        mlflow.log_figure(figure, "train_samples.png")
+        visualize.close(figure)
     return manifest
 
 
@@ -122,12 +142,6 @@ def class_histogram_figure(rows: list[dict], cap: int | None):
     return figure
 
 
-def _close(figure) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-
-
 def run_split(params: Params, root: Path) -> SplitResult:
     """The ``split`` stage."""
     manifest = load_manifest(root / PREPARED_DIR / MANIFEST_NAME)
@@ -153,6 +167,6 @@ def run_split(params: Params, root: Path) -> SplitResult:
         mlflow.log_metrics(flat)
         figure = class_histogram_figure(rows, result.cap)
         mlflow.log_figure(figure, "class_histogram.png")
-        _close(figure)
+        visualize.close(figure)
         mlflow.log_artifact(str(root / DATA_METRICS))
     return result
