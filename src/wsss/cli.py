@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _stage_parser(subparsers, "prepare", "materialise the dataset into data/prepared")
     _stage_parser(subparsers, "split", "drop person labels, balance, split train/val/test")
+    _stage_parser(subparsers, "train-classifier", "step 1: train the multi-label classifier")
+    _stage_parser(subparsers, "cams", "step 1: multi-scale CAMs of train and val, CAM and CAM+CRF mIoU on val")
     _stage_parser(subparsers, "check-params", "validate a parameters file and exit")
     vendor = subparsers.add_parser("vendor-fashion-mnist", help="rebuild the committed Fashion-MNIST subset")
     vendor.add_argument("--from", dest="source", default="/usr/share/datasets/fashion-mnist", help="folder with the four *-ubyte.gz files")
@@ -55,9 +57,9 @@ def _run(args: argparse.Namespace) -> None:
         print(f"{params_path}: valid")
         return
 
-    from wsss.stages import data
+    from wsss.stages import STAGES
 
-    {"prepare": data.run_prepare, "split": data.run_split}[args.command](params, root)
+    STAGES[args.command](params, root)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,25 +149,52 @@ class DataParams(_Group):
 
 
 class ClassifierParams(_Group):
-    """Step 1 classifier (consumed by the ``train_classifier`` stage)."""
+    """Step 1 classifier (the ``train_classifier`` stage)."""
 
     arch: Literal["small_cnn", "vgg16_bn_d1"]
-    weights: str = "none"  # none | imagenet | path to a local state dict
+    weights: str = "none"  # none | imagenet | path to a local state dict of the backbone
     extra_convs: int = Field(4, ge=0)
     image_size: int = Field(ge=16)
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(ge=2)
     epochs: int = Field(ge=1)
     lr_backbone: float = Field(gt=0)
     lr_head: float = Field(gt=0)
     weight_decay: float = Field(1e-5, ge=0)
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    step_size: int = Field(3, ge=1)  # scheduler step: epochs between decays
+    gamma: float = Field(0.2, gt=0, le=1)  # scheduler step: decay factor
+    augmentation: Literal["strong", "flip", "none"] = "strong"
+    workers: int = Field(0, ge=0)  # DataLoader worker processes
+    threads: int = Field(0, ge=0)  # torch CPU threads; 0 = every core
 
 
 class CamParams(_Group):
-    """Step 1 CAMs and dense CRF."""
+    """Step 1 CAMs (the ``cams`` stage) and their evaluation on val."""
 
     scales: list[float] = Field([1.0, 0.5, 1.5, 2.0], min_length=1)
     normalize: Literal["per_class", "global"] = "per_class"
     eval_threshold: float = Field(0.15, gt=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    num_overlays: int = Field(6, ge=0)
+
+    @model_validator(mode="after")
+    def _positive_scales(self) -> CamParams:
+        if any(scale <= 0 for scale in self.scales):
+            raise ValueError(f"scales: every scale must be positive, got {self.scales}")
+        return self
+
+
+class CrfParams(_Group):
+    """Dense CRF (pydensecrf) on label maps: used on CAMs (step 1) and for IR labels (step 2)."""
+
+    gt_prob: float = Field(0.7, gt=0, lt=1)
+    gaussian_sxy: float = Field(3, gt=0)
+    gaussian_compat: float = Field(3, ge=0)
+    bilateral_sxy: float = Field(50, gt=0)
+    bilateral_srgb: float = Field(5, gt=0)
+    bilateral_compat: float = Field(10, ge=0)
+    iterations: int = Field(10, ge=1)
+    workers: int = Field(0, ge=0)  # processes; 0 = every core
 
 
 class IrnetParams(_Group):
@@ -218,6 +245,7 @@ class Params(_Group):
     data: DataParams
     classifier: ClassifierParams
     cams: CamParams = CamParams()
+    crf: CrfParams = CrfParams()
     irnet: IrnetParams = IrnetParams()
     segmenter: SegmenterParams
     evaluate: EvaluateParams = EvaluateParams()

@@ -82,11 +82,15 @@ def git_state(root: Path) -> tuple[str, bool | None]:
     return commit, bool(status.strip())
 
 
-def lineage_tags(stage: str, inputs: Mapping[str, Path], root: Path) -> dict[str, str]:
+def input_hashes(inputs: Mapping[str, Path]) -> dict[str, str]:
+    """SHA-256 content hash of each named input file or folder."""
+    return {name: content_hash(Path(path)) for name, path in inputs.items()}
+
+
+def lineage_tags(stage: str, hashes: Mapping[str, str], root: Path) -> dict[str, str]:
     commit, dirty = git_state(root)
     tags = {"wsss.stage": stage, "wsss.git_commit": commit, "wsss.git_dirty": str(dirty).lower()}
-    for name, path in inputs.items():
-        tags[f"wsss.input.{name}"] = content_hash(Path(path))
+    tags.update({f"wsss.input.{name}": digest for name, digest in hashes.items()})
     return tags
 
 
@@ -95,21 +99,41 @@ def stage_run(
     stage: str,
     experiment: str,
     params: Mapping[str, Any],
-    inputs: Mapping[str, Path],
+    inputs: Mapping[str, Path] | None = None,
     root: Path | None = None,
-    extra_tags: Mapping[str, str] | None = None,
+    hashes: Mapping[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[Any]:
     """Open the MLflow run of one stage execution, log its params and lineage tags, yield it.
 
-    A stage that raises ends its run as FAILED (MLflow's context manager does that)."""
+    Inputs are hashed here, or passed already hashed (``hashes``). ``resume_run_id`` continues
+    the run of an execution that was killed (its id is kept in the stage's checkpoint), so a
+    resumed stage is still one run. A stage that raises ends its run as FAILED."""
     import mlflow
 
     root = root or project_root()
     experiment_id = ensure_experiment(experiment, root)
-    tags = {**lineage_tags(stage, inputs, root), **(extra_tags or {})}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+    tags = lineage_tags(stage, {**input_hashes(inputs or {}), **(hashes or {})}, root)
+    if resume_run_id is not None and not _run_exists(resume_run_id):
+        resume_run_id = None
+    if resume_run_id is not None:
+        context = mlflow.start_run(run_id=resume_run_id)
+    else:
+        context = mlflow.start_run(experiment_id=experiment_id, run_name=stage)
+    with context as run:
+        mlflow.set_tags(tags)
         mlflow.log_params({key: _param_value(value) for key, value in params.items()})
         yield run
+
+
+def _run_exists(run_id: str) -> bool:
+    import mlflow
+
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
 
 
 def _param_value(value: Any) -> str:

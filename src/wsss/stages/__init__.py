@@ -1,0 +1,24 @@
+"""What each DVC stage does: read params, compute with the library, write outputs, log MLflow."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _lazy(module: str, function: str) -> Callable[[Any, Path], Any]:
+    def run(params, root: Path):
+        import importlib
+
+        return getattr(importlib.import_module(f"wsss.stages.{module}"), function)(params, root)
+
+    return run
+
+
+STAGES: dict[str, Callable[[Any, Path], Any]] = {
+    "prepare": _lazy("data", "run_prepare"),
+    "split": _lazy("data", "run_split"),
+    "train-classifier": _lazy("classifier", "run_train_classifier"),
+    "cams": _lazy("cams", "run_cams"),
+}

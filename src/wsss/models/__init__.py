@@ -1,0 +1,1 @@
+"""Networks, each built by name from its parameter group."""

@@ -1,0 +1,155 @@
+"""Step-1 classifiers that give class activation maps, built by name (:func:`build_classifier`).
+
+Every network is ``backbone -> extra convs -> GAP -> 1x1 conv (no bias)``, output stride 8, so a
+CAM is the 1x1 classifier applied at every position of the last feature map, ReLU'd.
+
+- ``vgg16_bn_d1``: the paper's VGG16 with BatchNorm, "D1" variant: pool4 becomes 3x3 stride 1,
+  pool5 is removed, conv5 is dilated by 2; then ``extra_convs`` 3x3 conv 512 + ReLU layers.
+- ``small_cnn``: 8 conv-BN-ReLU layers (32-64-128-256 channels, the last two dilated), for the
+  CPU default; its extra convs have BatchNorm too (plain conv + ReLU stacks do not train from
+  scratch in a few epochs). It learns the embedded dataset from scratch in minutes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss.errors import ConfigError
+
+OUTPUT_STRIDE = 8
+
+
+class CamClassifier(nn.Module):
+    """A multi-label classifier whose 1x1 classifier also gives CAMs."""
+
+    def __init__(self, backbone: nn.Module, extra: nn.Module, channels: int, num_outputs: int):
+        super().__init__()
+        self.backbone = backbone
+        self.extra = extra
+        self.classifier = nn.Conv2d(channels, num_outputs, kernel_size=1, bias=False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extra(self.backbone(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self.features(images).mean(dim=(2, 3), keepdim=True)
+        return self.classifier(pooled).flatten(1)
+
+    def logits_and_cams(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image logits and ReLU'd CAMs (``N x K x H/8 x W/8``) from one forward pass."""
+        features = self.features(images)
+        logits = self.classifier(features.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        return logits, F.relu(self.classifier(features))
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``backbone`` (pretrained in the paper: the low learning rate) and ``head``."""
+        return {
+            "backbone": list(self.backbone.parameters()),
+            "head": list(self.extra.parameters()) + list(self.classifier.parameters()),
+        }
+
+
+def _extra_convs(channels: int, count: int, batch_norm: bool) -> nn.Sequential:
+    """The paper's extra 3x3 conv + ReLU layers (with BatchNorm for the from-scratch CNN)."""
+    if batch_norm:
+        return nn.Sequential(*[_conv_bn(channels, channels) for _ in range(count)])
+    layers: list[nn.Module] = []
+    for _ in range(count):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def small_cnn_backbone() -> nn.Sequential:
+    """Four stages (/2, /4, /8, /8 dilated): 3 -> 32 -> 64 -> 128 -> 256 channels."""
+    return nn.Sequential(
+        nn.Sequential(_conv_bn(3, 32), _conv_bn(32, 32, stride=2)),
+        nn.Sequential(_conv_bn(32, 64, stride=2), _conv_bn(64, 64)),
+        nn.Sequential(_conv_bn(64, 128, stride=2), _conv_bn(128, 128)),
+        nn.Sequential(_conv_bn(128, 256, dilation=2), _conv_bn(256, 256, dilation=2)),
+    )
+
+
+def _load_state_dict(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError("params.yaml", [("classifier.weights", f"file {path} not found")]) from None
+    except Exception as error:  # noqa: BLE001 - any unreadable file is a user error here
+        raise ConfigError("params.yaml", [("classifier.weights", f"{path} is not a readable state dict ({error})")]) from None
+
+
+def vgg16_bn_d1_backbone(weights: str) -> nn.Sequential:
+    """torchvision's VGG16-BN features, turned into the D1 variant (output stride 8)."""
+    import torchvision
+
+    if weights == "imagenet":
+        vgg = torchvision.models.vgg16_bn(weights=torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1)
+    else:
+        vgg = torchvision.models.vgg16_bn(weights=None)
+        if weights != "none":
+            try:
+                vgg.load_state_dict(_load_state_dict(Path(weights)))
+            except RuntimeError as error:
+                raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not fit torchvision's vgg16_bn ({error})")]) from None
+    layers = list(vgg.features.children())
+    pools = [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
+    pool4, pool5 = pools[3], pools[4]
+    layers[pool4] = nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
+    for layer in layers[pool4 + 1 : pool5]:
+        if isinstance(layer, nn.Conv2d):
+            layer.dilation, layer.padding = (2, 2), (2, 2)
+    return nn.Sequential(*layers[:pool5])
+
+
+def build_classifier(arch: str, num_outputs: int, extra_convs: int, weights: str = "none") -> CamClassifier:
+    """The factory: a :class:`CamClassifier` by architecture name."""
+    if arch == "vgg16_bn_d1":
+        return CamClassifier(vgg16_bn_d1_backbone(weights), _extra_convs(512, extra_convs, batch_norm=False), 512, num_outputs)
+    if arch == "small_cnn":
+        backbone = small_cnn_backbone()
+        if weights == "imagenet":
+            raise ConfigError("params.yaml", [("classifier.weights", "small_cnn has no ImageNet weights; use none or a path")])
+        if weights != "none":
+            backbone.load_state_dict(_load_state_dict(Path(weights)))
+        return CamClassifier(backbone, _extra_convs(256, extra_convs, batch_norm=True), 256, num_outputs)
+    raise ConfigError("params.yaml", [("classifier.arch", f"unknown architecture {arch!r}")])
+
+
+def classifier_state(model: CamClassifier, arch: str, extra_convs: int, class_ids: list[int], class_names: tuple[str, ...], image_size: int) -> dict:
+    """What ``models/classifier/model.pt`` holds: weights plus what is needed to rebuild them."""
+    return {
+        "model": model.state_dict(),
+        "arch": arch,
+        "extra_convs": extra_convs,
+        "class_ids": list(class_ids),
+        "class_names": list(class_names),
+        "image_size": image_size,
+    }
+
+
+def load_trained_classifier(path: Path) -> tuple[CamClassifier, dict]:
+    """Rebuild a trained classifier from its model file (no ImageNet download: weights are inside)."""
+    from wsss import checkpoint
+
+    state = checkpoint.load(path)
+    try:
+        model = build_classifier(state["arch"], len(state["class_ids"]), state["extra_convs"], "none")
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as error:
+        from wsss.errors import DataError
+
+        raise DataError(path, f"not a classifier model file ({error})") from None
+    model.eval()
+    return model, state

@@ -1,0 +1,112 @@
+"""The ``train_classifier`` stage.
+
+Outputs: ``models/classifier/model.pt`` (best epoch by val macro-F1), ``metrics/classifier.json``,
+``plots/classifier/training.csv`` (dvc plots); ``checkpoints/classifier/`` (not a DVC output,
+kept across runs) holds ``last.pt`` for resuming. MLflow gets, per epoch, the loss, micro-F1,
+macro-F1 and per-class F1 on val, and the training curves as a picture.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from wsss import checkpoint, tracking, visualize
+from wsss.classifier import BEST, LAST, TrainResult, train_classifier, trained_class_ids
+from wsss.config import Params, flatten
+from wsss.data.manifest import load_manifest
+from wsss.io import atomic_write_bytes, write_json
+from wsss.models.classifier import build_classifier, classifier_state
+from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
+
+MODEL_PATH = Path("models/classifier/model.pt")
+CHECKPOINT_DIR = Path("checkpoints/classifier")
+METRICS = Path("metrics/classifier.json")
+CURVE = Path("plots/classifier/training.csv")
+_NOT_IN_FINGERPRINT = {"workers", "threads"}  # how fast, not what is computed
+
+
+def stage_params(params: Params) -> dict:
+    return {"seed": params.seed, "data.drop_person_labels": params.data.drop_person_labels,
+            **flatten(params.classifier.model_dump(), "classifier.")}
+
+
+def training_curve_figure(result: TrainResult):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r.epoch for r in result.history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(epochs, [r.loss for r in result.history], marker="o")
+    left.set(xlabel="epoch", ylabel="training BCE loss")
+    right.plot(epochs, [r.micro_f1 for r in result.history], marker="o", label="val micro-F1")
+    right.plot(epochs, [r.macro_f1 for r in result.history], marker="o", label="val macro-F1")
+    right.axvline(result.best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch {result.best_epoch}")
+    right.set(xlabel="epoch", ylim=(0, 1))
+    right.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def _curve_csv(result: TrainResult) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["epoch", "loss", "val_micro_f1", "val_macro_f1"])
+    for r in result.history:
+        writer.writerow([r.epoch, f"{r.loss:.6f}", f"{r.micro_f1:.6f}", f"{r.macro_f1:.6f}"])
+    return buffer.getvalue().encode()
+
+
+def run_train_classifier(params: Params, root: Path) -> TrainResult:
+    import mlflow
+
+    train = load_manifest(root / SPLITS_DIR / "train.json")
+    val = load_manifest(root / SPLITS_DIR / "val.json")
+    hashes = tracking.input_hashes({"splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
+    config = params.classifier.model_dump(exclude=_NOT_IN_FINGERPRINT)
+    run_fingerprint = checkpoint.fingerprint(config, params.seed, params.data.drop_person_labels, hashes)
+    previous = checkpoint.load_if_compatible(root / CHECKPOINT_DIR / LAST, run_fingerprint)
+    previous_run = previous.get("mlflow_run_id") if previous else None
+
+    with tracking.stage_run("train_classifier", params.tracking.experiment, stage_params(params), root=root,
+                            hashes=hashes, resume_run_id=previous_run) as run:
+        names = train.class_names
+        class_ids = trained_class_ids(train, params)
+
+        def log_epoch(result) -> None:
+            per_class = {f"val_f1_{names[c]}": f for c, f in zip(class_ids, result.per_class_f1, strict=True)}
+            mlflow.log_metrics({"loss": result.loss, "val_micro_f1": result.micro_f1, "val_macro_f1": result.macro_f1,
+                                "lr_head": result.lr, **per_class}, step=result.epoch)
+
+        result = train_classifier(params, train, val, root / CHECKPOINT_DIR, run_fingerprint, log_epoch,
+                                  extra_state={"mlflow_run_id": run.info.run_id})
+
+        best = checkpoint.load(root / CHECKPOINT_DIR / BEST)
+        model = build_classifier(params.classifier.arch, len(result.class_ids), params.classifier.extra_convs, "none")
+        model.load_state_dict(best["model"])
+        state = classifier_state(model, params.classifier.arch, params.classifier.extra_convs, result.class_ids,
+                                 train.class_names, params.classifier.image_size)
+        checkpoint.save(root / MODEL_PATH, state)
+
+        metrics = {
+            "best_epoch": result.best_epoch,
+            "val_macro_f1": result.best.macro_f1,
+            "val_micro_f1": result.best.micro_f1,
+            "val_f1": {names[c]: f for c, f in zip(result.class_ids, result.best.per_class_f1, strict=True)},
+            "epochs": len(result.history),
+            "resumed_from_epoch": result.resumed_from,
+            "classes_excluded": [n for c, n in enumerate(names) if c and c not in result.class_ids],
+        }
+        atomic_write_bytes(root / CURVE, _curve_csv(result))
+        write_json(root / METRICS, metrics)
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_macro_f1": result.best.macro_f1,
+                            "best_val_micro_f1": result.best.micro_f1})
+        mlflow.set_tag("wsss.output.model", str(MODEL_PATH))
+        figure = training_curve_figure(result)
+        mlflow.log_figure(figure, "training_curves.png")
+        visualize.close(figure)
+        mlflow.log_artifact(str(root / METRICS))
+    return result

@@ -1,0 +1,117 @@
+"""Step 1 on tiny data: classifier training and resume, the cams stage, MLflow and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import make_document, make_params
+from wsss import checkpoint
+from wsss.cam_inference import evaluate_cams
+from wsss.classifier import BEST, LAST, train_classifier, trained_class_ids
+from wsss.cli import main
+from wsss.data.manifest import load_manifest
+from wsss.errors import DataError
+
+STEP1 = {"classifier.epochs": 3, "classifier.batch_size": 16, "classifier.image_size": 32,
+         "cams.scales": [1.0, 0.5], "cams.num_overlays": 2, "crf.bilateral_sxy": 10, "crf.workers": 1}
+
+
+@pytest.fixture
+def split_project(project: Path, mlflow_store) -> Path:
+    (project / "params.yaml").write_text(yaml.safe_dump(make_document(STEP1)))
+    assert main(["prepare", "--root", str(project)]) == 0
+    assert main(["split", "--root", str(project)]) == 0
+    return project
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_a_crash_gives_the_weights_of_an_uninterrupted_run(split_project, tmp_path):
+    params = make_params(STEP1)
+    train = load_manifest(split_project / "data/splits/train.json")
+    val = load_manifest(split_project / "data/splits/val.json")
+
+    uninterrupted = train_classifier(params, train, val, tmp_path / "a", "fp")
+
+    def crash_after_first_epoch(result):
+        if result.epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_classifier(params, train, val, tmp_path / "b", "fp", crash_after_first_epoch)
+    assert checkpoint.load(tmp_path / "b" / LAST)["epoch"] == 1
+    resumed = train_classifier(params, train, val, tmp_path / "b", "fp")
+    assert resumed.resumed_from == 2 and len(resumed.history) == 3
+
+    final_a = checkpoint.load(tmp_path / "a" / LAST)["model"]
+    final_b = checkpoint.load(tmp_path / "b" / LAST)["model"]
+    assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)
+    assert [r.macro_f1 for r in uninterrupted.history] == [r.macro_f1 for r in resumed.history]
+    assert torch.equal(checkpoint.load(tmp_path / "a" / BEST)["model"]["classifier.weight"],
+                       checkpoint.load(tmp_path / "b" / BEST)["model"]["classifier.weight"])
+
+    fresh = train_classifier(params, train, val, tmp_path / "b", "other-fingerprint")
+    assert fresh.resumed_from is None  # a checkpoint of other params is never continued
+
+
+def test_person_is_not_a_trained_class(split_project):
+    train = load_manifest(split_project / "data/splits/train.json")
+    class_ids = trained_class_ids(train, make_params(STEP1))
+    assert train.person_class not in class_ids and len(class_ids) == train.num_classes - 2
+    assert train.person_class in trained_class_ids(train, make_params({**STEP1, "data.drop_person_labels": False}))
+
+
+def test_stages_write_metrics_cams_and_mlflow_runs(split_project):
+    root = split_project
+    assert main(["train-classifier", "--root", str(root)]) == 0
+    assert main(["cams", "--root", str(root)]) == 0
+
+    classifier = json.loads((root / "metrics/classifier.json").read_text())
+    assert 1 <= classifier["best_epoch"] <= 3 and 0 <= classifier["val_macro_f1"] <= 1
+    assert classifier["classes_excluded"] == ["coat"]
+    assert (root / "plots/classifier/training.csv").read_text().count("\n") == 4
+
+    cams = json.loads((root / "metrics/cams.json").read_text())
+    assert set(cams) >= {"cam", "cam_crf", "crf_gain_miou"}
+    assert 0 <= cams["cam"]["miou"] <= 1 and cams["cam"]["iou"]["coat"] == 0.0  # no person maps
+    index = json.loads((root / "cams/index.json").read_text())
+    train = load_manifest(root / "data/splits/train.json")
+    assert [entry["id"] for entry in index["images"]["train"]] == [r.id for r in train.records]
+    assert len(list((root / "cams/train").glob("*.npz"))) == len(train.records)
+    for entry, record in zip(index["images"]["train"], train.records, strict=True):
+        assert set(entry["labels"]) == set(record.labels)  # a map for every labelled (trained) class
+        assert 0 <= entry["confidence"] <= 1
+
+    runs = mlflow.search_runs(experiment_names=["wsss"], order_by=["attributes.start_time ASC"])
+    assert list(runs["tags.wsss.stage"]) == ["prepare", "split", "train_classifier", "cams"]
+    client = mlflow.MlflowClient()
+    training = runs.iloc[2]
+    assert len(client.get_metric_history(training["run_id"], "val_macro_f1")) == 3
+    assert "metrics.val_f1_trouser" in runs.columns
+    artifacts = {a.path for a in client.list_artifacts(runs.iloc[3]["run_id"])}
+    assert {"cam_overlays.png", "per_class_iou.png", "cams.json"} <= artifacts
+    assert runs.iloc[3]["metrics.cam_crf_miou"] == pytest.approx(cams["cam_crf"]["miou"])
+
+
+def test_a_missing_cam_file_is_named(split_project, tmp_path):
+    params = make_params(STEP1)
+    val = load_manifest(split_project / "data/splits/val.json")
+    folder = tmp_path / "cams"
+    folder.mkdir()
+    from wsss.cam import ImageCams, save_cams, stride4_size
+
+    for record in val.records[1:]:
+        h4, w4 = stride4_size(32, 32)
+        save_cams(folder / f"{record.id}.npz", ImageCams(np.array([1]), np.zeros((1, h4, w4)), np.zeros((1, 32, 32)),
+                                                         np.array([0.5]), np.array([1]), 0.5))
+    with pytest.raises(DataError, match=f"{val.records[0].id}.npz: CAM file missing"):
+        evaluate_cams(val, folder, params.cams, params.crf)
