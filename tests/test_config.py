@@ -40,7 +40,8 @@ def _problems(overrides: dict) -> str:
         ({"data.embedded.objects_per_image": [3, 1]}, "data.embedded.objects_per_image", "greater than maximum"),
         ({"data.embedded.classes": ["t_shirt", "parrot"]}, "data.embedded.classes.1", "'parrot'"),
         ({"data.person_class": "person"}, "data.person_class", "not one of data.embedded.classes"),
-        ({"irnet.conf_bg": 0.5}, "irnet.conf_bg", "below conf_fg"),
+        ({"irnet.conf_bg": 0.8}, "irnet.conf_bg", "below conf_fg"),
+        ({"irnet.infer_scale": 3}, "irnet.infer_scale", "3"),
         ({"segmenter.output_stride": 32}, "segmenter.output_stride", "32"),
     ],
 )

@@ -115,3 +115,40 @@ def test_a_missing_cam_file_is_named(split_project, tmp_path):
                                                          np.array([0.5]), np.array([1]), 0.5))
     with pytest.raises(DataError, match=f"{val.records[0].id}.npz: CAM file missing"):
         evaluate_cams(val, folder, params.cams, params.crf)
+
+
+STEP2 = {**STEP1, "irnet.confidence_cutoff": 0.0, "irnet.epochs": 1, "irnet.batch_size": 8, "irnet.crop_size": 32,
+         "irnet.train_radius": 3, "irnet.infer_radius": 3, "irnet.exp_times": 3, "irnet.train_scales": [1.0, 0.5]}
+
+
+def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project):
+    root = split_project
+    (root / "params.yaml").write_text(yaml.safe_dump(make_document(STEP2)))
+    for stage in ("train-classifier", "cams", "ir-labels", "train-irnet", "pseudo-masks"):
+        assert main([stage, "--root", str(root)]) == 0, stage
+
+    train = load_manifest(root / "data/splits/train.json")
+    ir = json.loads((root / "metrics/ir_labels.json").read_text())
+    assert ir["images_kept"] == len(train.records)  # cutoff 0 keeps every image
+    assert abs(ir["fg_share"] + ir["bg_share"] + ir["ignore_share"] - 1) < 1e-9
+    assert 0 <= ir["fg_precision"] <= 1
+    from wsss.io import read_mask
+
+    label = read_mask(root / "ir_labels" / f"{train.records[0].id}.png")
+    assert set(np.unique(label)) <= {0, 255, *train.records[0].labels}
+
+    irnet = json.loads((root / "metrics/irnet.json").read_text())
+    assert irnet["samples_per_epoch"] == 2 * len(train.records) and irnet["steps"] == irnet["samples_per_epoch"] // 8
+    pseudo = json.loads((root / "metrics/pseudo_masks.json").read_text())
+    assert 0 <= pseudo["val"]["miou"] <= 1 and "gain_over_cam_crf" in pseudo
+    val = load_manifest(root / "data/splits/val.json")
+    for name, manifest in (("train", train), ("val", val)):
+        for record in manifest.records:
+            mask = read_mask(root / "pseudo_masks" / name / f"{record.id}.png")
+            assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, *record.labels}
+
+    runs = mlflow.search_runs(experiment_names=["wsss"], order_by=["attributes.start_time ASC"])
+    assert list(runs["tags.wsss.stage"])[-3:] == ["ir_labels", "train_irnet", "pseudo_masks"]
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(runs.iloc[-2]["run_id"], "total")) == irnet["steps"]  # losses per step
+    assert "pseudo_mask_overlays.png" in {a.path for a in client.list_artifacts(runs.iloc[-1]["run_id"])}

@@ -198,20 +198,37 @@ class CrfParams(_Group):
 
 
 class IrnetParams(_Group):
-    """Step 2: IR labels, IRNet and the random walk."""
+    """Step 2: IR labels, IRNet and the random walk (stages ir_labels, train_irnet, pseudo_masks)."""
 
     backbone: Literal["classifier", "resnet50"] = "classifier"
+    backbone_weights: str = "imagenet"  # resnet50 only: imagenet | none | path to a state dict
     confidence_cutoff: float = Field(0.8, ge=0, le=1)
     conf_fg: float = Field(0.30, gt=0, lt=1)
     conf_bg: float = Field(0.05, gt=0, lt=1)
-    threshold: float = Field(0.3, gt=0, lt=1)
+    train_radius: int = Field(10, ge=2)
+    infer_radius: int = Field(5, ge=2)
+    infer_scale: Literal[1, 2, 4] = 1  # walk on the image enlarged this much (small images)
+    train_scales: list[float] = Field([0.5, 1.0, 1.5, 2.0], min_length=1)
+    crop_size: int = Field(512, ge=16)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(3, ge=1)
     lr_displacement: float = Field(0.05, gt=0)
     lr_boundary: float = Field(0.005, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    augmentation: Literal["strong", "flip", "none"] = "strong"
+    beta: float = Field(10, gt=0)
+    exp_times: int = Field(8, ge=0, le=12)
+    threshold: float = Field(0.3, gt=0, lt=1)
+    workers: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _thresholds(self) -> IrnetParams:
         if self.conf_bg >= self.conf_fg:
             raise ValueError(f"conf_bg: {self.conf_bg} must be below conf_fg ({self.conf_fg})")
+        if any(scale <= 0 for scale in self.train_scales):
+            raise ValueError(f"train_scales: every scale must be positive, got {self.train_scales}")
         return self
 
 

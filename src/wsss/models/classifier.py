@@ -81,13 +81,14 @@ def small_cnn_backbone() -> nn.Sequential:
     )
 
 
-def _load_state_dict(path: Path) -> dict:
+def _load_state_dict(path: Path, key: str = "classifier.weights") -> dict:
+    """A local state dict (``weights_only=True``); problems are reported against param ``key``."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ConfigError("params.yaml", [("classifier.weights", f"file {path} not found")]) from None
+        raise ConfigError("params.yaml", [(key, f"file {path} not found")]) from None
     except Exception as error:  # noqa: BLE001 - any unreadable file is a user error here
-        raise ConfigError("params.yaml", [("classifier.weights", f"{path} is not a readable state dict ({error})")]) from None
+        raise ConfigError("params.yaml", [(key, f"{path} is not a readable state dict ({error})")]) from None
 
 
 def vgg16_bn_d1_backbone(weights: str) -> nn.Sequential:

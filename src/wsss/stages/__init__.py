@@ -21,4 +21,7 @@ STAGES: dict[str, Callable[[Any, Path], Any]] = {
     "split": _lazy("data", "run_split"),
     "train-classifier": _lazy("classifier", "run_train_classifier"),
     "cams": _lazy("cams", "run_cams"),
+    "ir-labels": _lazy("ir_labels", "run_ir_labels"),
+    "train-irnet": _lazy("irnet", "run_train_irnet"),
+    "pseudo-masks": _lazy("irnet", "run_pseudo_masks"),
 }

@@ -97,14 +97,13 @@ def run_train_classifier(params: Params, root: Path) -> TrainResult:
             "val_micro_f1": result.best.micro_f1,
             "val_f1": {names[c]: f for c, f in zip(result.class_ids, result.best.per_class_f1, strict=True)},
             "epochs": len(result.history),
-            "resumed_from_epoch": result.resumed_from,
             "classes_excluded": [n for c, n in enumerate(names) if c and c not in result.class_ids],
         }
         atomic_write_bytes(root / CURVE, _curve_csv(result))
         write_json(root / METRICS, metrics)
         mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_macro_f1": result.best.macro_f1,
                             "best_val_micro_f1": result.best.micro_f1})
-        mlflow.set_tag("wsss.output.model", str(MODEL_PATH))
+        mlflow.set_tags({"wsss.output.model": str(MODEL_PATH), "wsss.resumed_from_epoch": str(result.resumed_from)})
         figure = training_curve_figure(result)
         mlflow.log_figure(figure, "training_curves.png")
         visualize.close(figure)

@@ -1,0 +1,166 @@
+"""Step 2 training: IRNet on the IR labels of the confident images.
+
+The training set is every kept image at every scale of ``irnet.train_scales`` (the paper enlarges
+the set with scales 0.5, 1, 1.5, 2), randomly cropped (or padded: image 0, label 255) to
+``irnet.crop_size``, augmented, its label reduced to the stride-4 grid (nearest). Loss:
+``L_aff + L_dp`` over the pairs within ``irnet.train_radius`` (:mod:`wsss.affinity`). SGD with
+momentum, two learning rates (displacement branch, boundary branch), weight decay, poly decay
+(power 0.9) over all steps. ``last.pt`` after every epoch; a re-run with the same params resumes.
+Every epoch reseeds from ``(seed, epoch)``, so a resumed run ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from wsss import augment, checkpoint
+from wsss.affinity import affinity_loss, displacement_loss, half_plane_offsets, pair_affinities, pair_masks
+from wsss.config import Params
+from wsss.data.manifest import ImageRecord, Manifest
+from wsss.io import IGNORE_INDEX, read_image, read_mask
+from wsss.models.classifier import load_trained_classifier
+from wsss.models.irnet import IRNet, classifier_stages, resnet50_stages
+
+LAST = "last.pt"
+POLY_POWER = 0.9
+
+
+def build_irnet(params: Params, classifier_path: Path) -> IRNet:
+    if params.irnet.backbone == "resnet50":
+        return IRNet(resnet50_stages(params.irnet.backbone_weights))
+    classifier, _ = load_trained_classifier(classifier_path)
+    return IRNet(classifier_stages(classifier))
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Crop (or pad: image 0, label 255) both to ``size x size`` at one random place."""
+    height, width = label.shape
+    out_image = np.zeros((size, size, 3), dtype=image.dtype)
+    out_label = np.full((size, size), IGNORE_INDEX, dtype=label.dtype)
+    top = int(rng.integers(0, max(height - size, 0) + 1))
+    left = int(rng.integers(0, max(width - size, 0) + 1))
+    place_top = int(rng.integers(0, max(size - height, 0) + 1))
+    place_left = int(rng.integers(0, max(size - width, 0) + 1))
+    h, w = min(size, height), min(size, width)
+    out_image[place_top : place_top + h, place_left : place_left + w] = image[top : top + h, left : left + w]
+    out_label[place_top : place_top + h, place_left : place_left + w] = label[top : top + h, left : left + w]
+    return out_image, out_label
+
+
+def grid_labels(label: torch.Tensor) -> torch.Tensor:
+    """Reduce ``[N, H, W]`` labels to the stride-4 grid ``ceil(H/4) x ceil(W/4)`` (nearest)."""
+    height, width = label.shape[-2:]
+    size = ((height + 3) // 4, (width + 3) // 4)
+    return F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+class IrDataset(Dataset):
+    """(image, IR label) of every kept image at every training scale."""
+
+    def __init__(self, manifest: Manifest, records: list[ImageRecord], labels_dir: Path, scales: list[float], crop: int, kind: str, seed: int):
+        self.manifest, self.labels_dir, self.crop, self.seed = manifest, labels_dir, crop, seed
+        self.samples = [(record, scale) for record in records for scale in scales]
+        self.transform = augment.build_transform(kind, None)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        record, scale = self.samples[index]
+        image = read_image(self.manifest.image_path(record))
+        label = read_mask(self.labels_dir / f"{record.id}.png")
+        if scale != 1.0:
+            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+            image, label = augment.resize_image(image, size), augment.resize_mask(label, size)
+        seed = checkpoint.derive_seed(self.seed, self.epoch, index)
+        augmented = augment.apply(self.transform, image, seed, mask=label)
+        image, label = random_crop(augmented["image"], augmented["mask"], self.crop, np.random.default_rng(seed))
+        return augment.to_tensor(image), torch.from_numpy(label.astype(np.int64))
+
+
+@dataclass
+class IrnetResult:
+    steps: int
+    epochs: int
+    final_losses: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def irnet_losses(model: IRNet, images: torch.Tensor, labels: torch.Tensor, offsets) -> dict[str, torch.Tensor]:
+    boundary_logits, displacement = model(images)
+    grid = grid_labels(labels)
+    masks = pair_masks(grid, offsets)
+    affinities = pair_affinities(torch.sigmoid(boundary_logits), offsets)
+    losses = {**affinity_loss(affinities, masks), **displacement_loss(displacement, masks, offsets)}
+    losses["total"] = losses["affinity"] + losses["displacement"]
+    return losses
+
+
+def train_irnet(
+    params: Params,
+    model: IRNet,
+    dataset: IrDataset,
+    checkpoint_dir: Path,
+    run_fingerprint: str,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int], None] | None = None,
+    extra_state: dict | None = None,
+) -> IrnetResult:
+    config = params.irnet
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    groups = model.parameter_groups()
+    optimizer = torch.optim.SGD(
+        [{"params": groups["displacement"], "lr": config.lr_displacement, "initial_lr": config.lr_displacement},
+         {"params": groups["boundary"], "lr": config.lr_boundary, "initial_lr": config.lr_boundary}],
+        momentum=config.momentum, weight_decay=config.weight_decay,
+    )
+    steps_per_epoch = max(1, len(dataset) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    offsets = half_plane_offsets(config.train_radius)
+    start_epoch, step, history, resumed_from = 1, 0, [], None
+    state = checkpoint.load_if_compatible(checkpoint_dir / LAST, run_fingerprint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = resumed_from = state["epoch"] + 1
+        step, history = state["step"], state["history"]
+
+    losses: dict[str, float] = history[-1] if history else {}
+    for epoch in range(start_epoch, config.epochs + 1):
+        epoch_seed = checkpoint.derive_seed(params.seed, epoch)
+        checkpoint.seed_everything(epoch_seed)
+        dataset.epoch = epoch
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(epoch_seed), num_workers=config.workers)
+        model.train()
+        for images, labels in tqdm(loader, desc=f"irnet epoch {epoch}/{config.epochs}", unit="batch", leave=False):
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * (1 - step / total_steps) ** POLY_POWER
+            batch_losses = irnet_losses(model, images.to(device), labels.to(device), offsets)
+            optimizer.zero_grad(set_to_none=True)
+            batch_losses["total"].backward()
+            optimizer.step()
+            step += 1
+            losses = {name: float(value.detach()) for name, value in batch_losses.items()}
+            if on_step is not None:
+                on_step(step, losses)
+        history.append({**losses, "epoch": epoch})
+        checkpoint.save(checkpoint_dir / LAST, {"fingerprint": run_fingerprint, "epoch": epoch, "step": step,
+                                                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                "history": history, **(extra_state or {})})
+        if on_epoch is not None:
+            on_epoch(epoch)
+    return IrnetResult(step, config.epochs, {k: v for k, v in losses.items() if k != "epoch"}, history, resumed_from)

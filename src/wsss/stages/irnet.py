@@ -1,0 +1,153 @@
+"""The ``train_irnet`` and ``pseudo_masks`` stages (step 2).
+
+``train_irnet``: ``models/irnet/model.pt``, ``metrics/irnet.json``; losses per step to MLflow;
+resumable from ``checkpoints/irnet/last.pt``.
+``pseudo_masks``: ``pseudo_masks/{train,val}/<id>.png`` (palette PNGs) for every train and val
+image, ``metrics/pseudo_masks.json`` (val mIoU, per-class IoU: the paper's Table 2 row "IRNet"),
+``plots/pseudo_masks/per_class_iou.csv``; MLflow gets an overlay figure (image | CAM + CRF |
+pseudo mask | ground truth).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from wsss import augment, checkpoint, tracking, visualize
+from wsss.cam import label_map, load_cams
+from wsss.config import Params
+from wsss.crf import crf_labels
+from wsss.data.manifest import load_manifest
+from wsss.io import atomic_dir, atomic_write_bytes, read_image, read_json, read_mask, write_json, write_mask_png
+from wsss.irnet import LAST, IrDataset, build_irnet, train_irnet
+from wsss.metrics import confusion_matrix, segmentation_scores
+from wsss.random_walk import propagate_many, pseudo_mask
+from wsss.stages.cams import CAMS_DIR, INDEX
+from wsss.stages.classifier import MODEL_PATH as CLASSIFIER_PATH
+from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
+from wsss.stages.ir_labels import IR_LABELS_DIR
+
+IRNET_PATH = Path("models/irnet/model.pt")
+CHECKPOINT_DIR = Path("checkpoints/irnet")
+IRNET_METRICS = Path("metrics/irnet.json")
+PSEUDO_DIR = Path("pseudo_masks")
+PSEUDO_METRICS = Path("metrics/pseudo_masks.json")
+PSEUDO_PLOT = Path("plots/pseudo_masks/per_class_iou.csv")
+TRAIN_KEYS = ("backbone", "backbone_weights", "train_radius", "train_scales", "crop_size", "batch_size", "epochs",
+              "lr_displacement", "lr_boundary", "momentum", "weight_decay", "augmentation")
+WALK_KEYS = ("infer_radius", "infer_scale", "beta", "exp_times", "threshold")
+WALK_BATCH = 64
+
+
+def run_train_irnet(params: Params, root: Path) -> dict:
+    import mlflow
+
+    train = load_manifest(root / SPLITS_DIR / "train.json")
+    kept = set(read_json(root / IR_LABELS_DIR / INDEX)["ids"])
+    records = [r for r in train.records if r.id in kept]
+    hashes = tracking.input_hashes({"ir_labels": root / IR_LABELS_DIR, "classifier": root / CLASSIFIER_PATH, "prepared": root / PREPARED_DIR})
+    config = {key: getattr(params.irnet, key) for key in TRAIN_KEYS}
+    run_fingerprint = checkpoint.fingerprint(config, params.seed, hashes)
+    previous = checkpoint.load_if_compatible(root / CHECKPOINT_DIR / LAST, run_fingerprint)
+
+    with tracking.stage_run("train_irnet", params.tracking.experiment, {"seed": params.seed, **{f"irnet.{k}": v for k, v in config.items()}},
+                            root=root, hashes=hashes, resume_run_id=previous.get("mlflow_run_id") if previous else None) as run:
+        checkpoint.seed_everything(params.seed)
+        model = build_irnet(params, root / CLASSIFIER_PATH)
+        dataset = IrDataset(train, records, root / IR_LABELS_DIR, params.irnet.train_scales, params.irnet.crop_size,
+                            params.irnet.augmentation, params.seed)
+        result = train_irnet(params, model, dataset, root / CHECKPOINT_DIR, run_fingerprint,
+                             on_step=lambda step, losses: mlflow.log_metrics(losses, step=step),
+                             extra_state={"mlflow_run_id": run.info.run_id})
+        checkpoint.save(root / IRNET_PATH, {"model": model.state_dict(), "backbone": params.irnet.backbone,
+                                            "backbone_weights": params.irnet.backbone_weights})
+        metrics = {"images": len(records), "samples_per_epoch": len(dataset), "steps": result.steps, "final_losses": result.final_losses}
+        write_json(root / IRNET_METRICS, metrics)
+        mlflow.set_tag("wsss.resumed_from_epoch", str(result.resumed_from))
+        mlflow.log_artifact(str(root / IRNET_METRICS))
+    return metrics
+
+
+def _enlarge(image: np.ndarray, scale: int) -> np.ndarray:
+    return image if scale == 1 else augment.resize_image(image, (image.shape[1] * scale, image.shape[0] * scale))
+
+
+def _walk_input(cams, grid: torch.Size, scale: int) -> torch.Tensor:
+    """The CAMs on the walk's grid: the stored stride-4 maps, or (enlarged image) the
+    full-resolution maps averaged down to the finer grid."""
+    if scale == 1:
+        return torch.from_numpy(cams.stride4)
+    full = torch.from_numpy(cams.full)
+    if full.shape[0] == 0:
+        return torch.zeros(0, *grid)
+    return torch.nn.functional.adaptive_avg_pool2d(full[None], tuple(grid))[0]
+
+
+def _overlay_figure(examples: list[dict]):
+    rows = [[e["image"], visualize.overlay(e["image"], e["cam_crf"]), visualize.overlay(e["image"], e["pseudo"]),
+             visualize.overlay(e["image"], e["truth"])] for e in examples]
+    return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", "ground truth"], row_labels=[e["id"] for e in examples])
+
+
+def run_pseudo_masks(params: Params, root: Path) -> dict:
+    import mlflow
+
+    manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("train", "val")}
+    hashes = tracking.input_hashes({"irnet": root / IRNET_PATH, "cams": root / CAMS_DIR, "splits": root / SPLITS_DIR})
+    state = checkpoint.load(root / IRNET_PATH)
+    model = build_irnet(params.model_copy(update={"irnet": params.irnet.model_copy(update={"backbone": state["backbone"], "backbone_weights": "none"})}),
+                        root / CLASSIFIER_PATH)
+    model.load_state_dict(state["model"])
+    model.eval()
+    torch.set_num_threads(os.cpu_count() or 1)
+    walk = params.irnet
+    names = manifests["val"].class_names
+    num_classes = len(names)
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    examples: list[dict] = []
+
+    with tracking.stage_run("pseudo_masks", params.tracking.experiment, {f"irnet.{k}": getattr(walk, k) for k in WALK_KEYS},
+                            root=root, hashes=hashes):
+        with atomic_dir(root / PSEUDO_DIR) as staging:
+            for split, manifest in manifests.items():
+                (staging / split).mkdir()
+                records = manifest.records
+                for start in tqdm(range(0, len(records), WALK_BATCH), desc=f"pseudo masks {split}", unit="batch"):
+                    chunk = records[start : start + WALK_BATCH]
+                    images = [read_image(manifest.image_path(r)) for r in chunk]
+                    cams = [load_cams(root / CAMS_DIR / split / f"{r.id}.npz", expected_size=img.shape[:2]) for r, img in zip(chunk, images, strict=True)]
+                    boundaries = [model.boundary_map(augment.to_tensor(_enlarge(img, walk.infer_scale))[None])[0] for img in images]
+                    walk_inputs = [_walk_input(c, b.shape, walk.infer_scale) for c, b in zip(cams, boundaries, strict=True)]
+                    walked = propagate_many(walk_inputs, boundaries, walk.infer_radius, walk.beta, walk.exp_times)
+                    for record, image, cam, result in zip(chunk, images, cams, walked, strict=True):
+                        mask = pseudo_mask(result, cam.class_ids, image.shape[:2], walk.threshold, upsample=4 // walk.infer_scale)
+                        write_mask_png(staging / split / f"{record.id}.png", mask)
+                        if split == "val" and record.mask is not None:
+                            truth = read_mask(manifest.mask_path(record))
+                            matrix += confusion_matrix(truth, mask, num_classes)
+                            if len(examples) < params.cams.num_overlays:
+                                cam_crf = crf_labels(image, label_map(cam.full, cam.class_ids, params.cams.eval_threshold), params.crf)
+                                examples.append({"id": record.id, "image": image, "cam_crf": cam_crf, "pseudo": mask, "truth": truth})
+
+        scores = segmentation_scores(matrix)
+        metrics = {"val": scores.as_dict(names), "threshold": walk.threshold}
+        person = manifests["val"].person_class
+        if person is not None:
+            metrics["val"]["miou_without_person"] = float(np.nanmean(np.delete(scores.iou, person)))
+        cams_metrics = read_json(root / "metrics/cams.json") if (root / "metrics/cams.json").is_file() else None
+        if cams_metrics:
+            metrics["gain_over_cam_crf"] = scores.miou - cams_metrics["cam_crf"]["miou"]
+        write_json(root / PSEUDO_METRICS, metrics)
+        rows = "class,iou\n" + "".join(f"{n},{'' if v is None else f'{v:.6f}'}\n" for n, v in metrics["val"]["iou"].items())
+        atomic_write_bytes(root / PSEUDO_PLOT, rows.encode())
+        mlflow.log_metrics({"pseudo_mask_miou": scores.miou, **{f"pseudo_iou_{n}": v for n, v in metrics["val"]["iou"].items() if v is not None}})
+        if examples:
+            figure = _overlay_figure(examples)
+            mlflow.log_figure(figure, "pseudo_mask_overlays.png")
+            visualize.close(figure)
+        mlflow.log_artifact(str(root / PSEUDO_METRICS))
+    return metrics
