@@ -15,7 +15,7 @@ positives and ``-log(1 + 1e-5 - a)`` on negatives, each averaged over its own pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, cache
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from wsss.io import IGNORE_INDEX
 EPSILON = 1e-5
 
 
-@lru_cache(maxsize=None)
+@cache
 def half_plane_offsets(radius: int) -> tuple[tuple[int, int], ...]:
     """Offsets (dy, dx) of the pairs within ``radius``, one of each symmetric couple."""
     offsets = [(0, dx) for dx in range(1, radius)]
@@ -33,7 +33,7 @@ def half_plane_offsets(radius: int) -> tuple[tuple[int, int], ...]:
     return tuple(offsets)
 
 
-@lru_cache(maxsize=None)
+@cache
 def path_points(offset: tuple[int, int]) -> tuple[tuple[int, int], ...]:
     """Grid points within distance < 1 of the segment from (0, 0) to ``offset`` (ends included)."""
     dy, dx = offset

@@ -17,7 +17,7 @@ from __future__ import annotations
 import colorsys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, cache
 
 import numpy as np
 from PIL import Image
@@ -38,7 +38,7 @@ class Composite:
     objects: list[dict]  # provenance: class, Fashion-MNIST split and index, side, position, area
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_background(name: str) -> np.ndarray:
     """A scikit-image sample photo as float32 RGB in [0, 1] (these ship inside its wheel)."""
     import skimage.data
