@@ -15,7 +15,7 @@ positives and ``-log(1 + 1e-5 - a)`` on negatives, each averaged over its own pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache, cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F

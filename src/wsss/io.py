@@ -82,6 +82,18 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(Path(path), text.encode())
 
 
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Atomically write rows (dicts with the same keys) as CSV with a header: DVC plot data."""
+    import csv
+    import io as text_io
+
+    buffer = text_io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(Path(path), buffer.getvalue().encode())
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file; a missing or malformed file raises :class:`DataError`."""
     try:

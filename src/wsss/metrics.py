@@ -35,6 +35,10 @@ class SegmentationScores:
     mean_accuracy: float
     pixel_accuracy: float
 
+    def miou_without(self, class_id: int) -> float:
+        """mIoU over every class but one (e.g. the person class, which step 1 cannot see)."""
+        return float(np.nanmean(np.delete(self.iou, class_id)))
+
     def as_dict(self, class_names: tuple[str, ...] | list[str]) -> dict:
         return {
             "miou": self.miou,

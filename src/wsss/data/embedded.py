@@ -17,7 +17,7 @@ from __future__ import annotations
 import colorsys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache, cache
+from functools import cache
 
 import numpy as np
 from PIL import Image

@@ -128,10 +128,10 @@ def build_classifier(arch: str, num_outputs: int, extra_convs: int, weights: str
     raise ConfigError("params.yaml", [("classifier.arch", f"unknown architecture {arch!r}")])
 
 
-def classifier_state(model: CamClassifier, arch: str, extra_convs: int, class_ids: list[int], class_names: tuple[str, ...], image_size: int) -> dict:
-    """What ``models/classifier/model.pt`` holds: weights plus what is needed to rebuild them."""
+def classifier_state(weights: dict, arch: str, extra_convs: int, class_ids: list[int], class_names: tuple[str, ...], image_size: int) -> dict:
+    """What ``models/classifier/model.pt`` holds: a state dict plus what is needed to rebuild the network."""
     return {
-        "model": model.state_dict(),
+        "model": weights,
         "arch": arch,
         "extra_convs": extra_convs,
         "class_ids": list(class_ids),

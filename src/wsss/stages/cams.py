@@ -7,8 +7,6 @@ confidence), ``metrics/cams.json`` (mIoU of CAM and CAM+CRF on val, per-class Io
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from wsss import tracking, visualize
 from wsss.cam_inference import CamEvaluation, compute_cams, evaluate_cams
 from wsss.config import Params, flatten
 from wsss.data.manifest import Manifest, load_manifest
-from wsss.io import atomic_dir, atomic_write_bytes, write_json
+from wsss.io import atomic_dir, write_csv, write_json
 from wsss.metrics import segmentation_scores
 from wsss.models.classifier import load_trained_classifier
 from wsss.stages.classifier import MODEL_PATH
@@ -49,20 +47,17 @@ def cams_metrics(manifest: Manifest, evaluation: CamEvaluation, params: Params) 
         "crf_gain_miou": crf.miou - cam.miou,
     }
     if person is not None:  # the classifier has no person maps: the same scores without that class
-        keep = [c for c in range(len(names)) if c != person]
-        metrics["cam"]["miou_without_person"] = float(np.nanmean(cam.iou[keep]))
-        metrics["cam_crf"]["miou_without_person"] = float(np.nanmean(crf.iou[keep]))
+        metrics["cam"]["miou_without_person"] = cam.miou_without(person)
+        metrics["cam_crf"]["miou_without_person"] = crf.miou_without(person)
     return metrics
 
 
-def _per_class_csv(metrics: dict) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["class", "cam_iou", "cam_crf_iou"])
-    for name, value in metrics["cam"]["iou"].items():
-        other = metrics["cam_crf"]["iou"][name]
-        writer.writerow([name, "" if value is None else f"{value:.6f}", "" if other is None else f"{other:.6f}"])
-    return buffer.getvalue().encode()
+def _per_class_rows(metrics: dict) -> list[dict]:
+    def cell(value):
+        return "" if value is None else f"{value:.6f}"
+
+    return [{"class": name, "cam_iou": cell(value), "cam_crf_iou": cell(metrics["cam_crf"]["iou"][name])}
+            for name, value in metrics["cam"]["iou"].items()]
 
 
 def overlay_figure(evaluation: CamEvaluation):
@@ -123,7 +118,7 @@ def run_cams(params: Params, root: Path) -> dict:
         metrics = cams_metrics(manifests["val"], evaluation, params)
         confidences = [entry["confidence"] for entry in index["images"]["train"]]
         metrics["train_confidence_median"] = float(np.median(confidences)) if confidences else None
-        atomic_write_bytes(root / PER_CLASS_PLOT, _per_class_csv(metrics))
+        write_csv(root / PER_CLASS_PLOT, _per_class_rows(metrics))
         write_json(root / METRICS, metrics)
 
         mlflow.log_metrics({"cam_miou": metrics["cam"]["miou"], "cam_crf_miou": metrics["cam_crf"]["miou"],

@@ -8,16 +8,14 @@ macro-F1 and per-class F1 on val, and the training curves as a picture.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 from wsss import checkpoint, tracking, visualize
 from wsss.classifier import BEST, LAST, TrainResult, train_classifier, trained_class_ids
 from wsss.config import Params, flatten
 from wsss.data.manifest import load_manifest
-from wsss.io import atomic_write_bytes, write_json
-from wsss.models.classifier import build_classifier, classifier_state
+from wsss.io import write_csv, write_json
+from wsss.models.classifier import classifier_state
 from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
 
 MODEL_PATH = Path("models/classifier/model.pt")
@@ -51,13 +49,9 @@ def training_curve_figure(result: TrainResult):
     return figure
 
 
-def _curve_csv(result: TrainResult) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["epoch", "loss", "val_micro_f1", "val_macro_f1"])
-    for r in result.history:
-        writer.writerow([r.epoch, f"{r.loss:.6f}", f"{r.micro_f1:.6f}", f"{r.macro_f1:.6f}"])
-    return buffer.getvalue().encode()
+def _curve_rows(result: TrainResult) -> list[dict]:
+    return [{"epoch": r.epoch, "loss": f"{r.loss:.6f}", "val_micro_f1": f"{r.micro_f1:.6f}", "val_macro_f1": f"{r.macro_f1:.6f}"}
+            for r in result.history]
 
 
 def run_train_classifier(params: Params, root: Path) -> TrainResult:
@@ -85,9 +79,7 @@ def run_train_classifier(params: Params, root: Path) -> TrainResult:
                                   extra_state={"mlflow_run_id": run.info.run_id})
 
         best = checkpoint.load(root / CHECKPOINT_DIR / BEST)
-        model = build_classifier(params.classifier.arch, len(result.class_ids), params.classifier.extra_convs, "none")
-        model.load_state_dict(best["model"])
-        state = classifier_state(model, params.classifier.arch, params.classifier.extra_convs, result.class_ids,
+        state = classifier_state(best["model"], params.classifier.arch, params.classifier.extra_convs, result.class_ids,
                                  train.class_names, params.classifier.image_size)
         checkpoint.save(root / MODEL_PATH, state)
 
@@ -99,7 +91,7 @@ def run_train_classifier(params: Params, root: Path) -> TrainResult:
             "epochs": len(result.history),
             "classes_excluded": [n for c, n in enumerate(names) if c and c not in result.class_ids],
         }
-        atomic_write_bytes(root / CURVE, _curve_csv(result))
+        write_csv(root / CURVE, _curve_rows(result))
         write_json(root / METRICS, metrics)
         mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_macro_f1": result.best.macro_f1,
                             "best_val_micro_f1": result.best.micro_f1})

@@ -9,8 +9,6 @@ Outputs (relative to the project root)::
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 from wsss import tracking, visualize
@@ -18,7 +16,7 @@ from wsss.config import Params, flatten
 from wsss.data.manifest import Manifest, load_manifest
 from wsss.data.prepare import MANIFEST_NAME, prepare_dataset
 from wsss.data.split import SplitResult, split_records, write_splits
-from wsss.io import atomic_write_bytes, read_image, read_mask, write_json
+from wsss.io import read_image, read_mask, write_csv, write_json
 
 PREPARED_DIR = Path("data/prepared")
 SPLITS_DIR = Path("data/splits")
@@ -113,14 +111,6 @@ def class_histogram_rows(manifest: Manifest, result: SplitResult) -> list[dict]:
     ]
 
 
-def _csv_bytes(rows: list[dict]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
-
-
 def class_histogram_figure(rows: list[dict], cap: int | None):
     import matplotlib
 
@@ -153,7 +143,7 @@ def run_split(params: Params, root: Path) -> SplitResult:
         metrics = data_metrics(manifest, result)
         rows = class_histogram_rows(manifest, result)
         write_splits(manifest, result, root / SPLITS_DIR)
-        atomic_write_bytes(root / CLASS_HISTOGRAM, _csv_bytes(rows))
+        write_csv(root / CLASS_HISTOGRAM, rows)
         write_json(root / DATA_METRICS, metrics)
 
         flat = {f"size_{k}": v for k, v in metrics["sizes"].items()}

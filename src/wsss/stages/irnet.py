@@ -22,11 +22,12 @@ from wsss.cam import label_map, load_cams
 from wsss.config import Params
 from wsss.crf import crf_labels
 from wsss.data.manifest import load_manifest
-from wsss.io import atomic_dir, atomic_write_bytes, read_image, read_json, read_mask, write_json, write_mask_png
+from wsss.io import atomic_dir, read_image, read_json, read_mask, write_csv, write_json, write_mask_png
 from wsss.irnet import LAST, IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.random_walk import propagate_many, pseudo_mask
 from wsss.stages.cams import CAMS_DIR, INDEX
+from wsss.stages.cams import METRICS as CAMS_METRICS
 from wsss.stages.classifier import MODEL_PATH as CLASSIFIER_PATH
 from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
 from wsss.stages.ir_labels import IR_LABELS_DIR
@@ -137,13 +138,11 @@ def run_pseudo_masks(params: Params, root: Path) -> dict:
         metrics = {"val": scores.as_dict(names), "threshold": walk.threshold}
         person = manifests["val"].person_class
         if person is not None:
-            metrics["val"]["miou_without_person"] = float(np.nanmean(np.delete(scores.iou, person)))
-        cams_metrics = read_json(root / "metrics/cams.json") if (root / "metrics/cams.json").is_file() else None
-        if cams_metrics:
-            metrics["gain_over_cam_crf"] = scores.miou - cams_metrics["cam_crf"]["miou"]
+            metrics["val"]["miou_without_person"] = scores.miou_without(person)
+        if (root / CAMS_METRICS).is_file():
+            metrics["gain_over_cam_crf"] = scores.miou - read_json(root / CAMS_METRICS)["cam_crf"]["miou"]
         write_json(root / PSEUDO_METRICS, metrics)
-        rows = "class,iou\n" + "".join(f"{n},{'' if v is None else f'{v:.6f}'}\n" for n, v in metrics["val"]["iou"].items())
-        atomic_write_bytes(root / PSEUDO_PLOT, rows.encode())
+        write_csv(root / PSEUDO_PLOT, [{"class": n, "iou": "" if v is None else f"{v:.6f}"} for n, v in metrics["val"]["iou"].items()])
         mlflow.log_metrics({"pseudo_mask_miou": scores.miou, **{f"pseudo_iou_{n}": v for n, v in metrics["val"]["iou"].items() if v is not None}})
         if examples:
             figure = _overlay_figure(examples)
