@@ -43,7 +43,9 @@ def main() -> None:
     irnet = params.irnet
     print(f"conf_fg {irnet.conf_fg}, conf_bg {irnet.conf_bg}, cutoff {irnet.confidence_cutoff}; train radius "
           f"{irnet.train_radius}, {irnet.epochs} epochs; walk radius {irnet.infer_radius}, scale x{irnet.infer_scale}, "
-          f"beta {irnet.beta}, 2^{irnet.exp_times} steps, threshold {irnet.threshold}; {os.cpu_count()} cores")
+          f"beta {irnet.beta}, 2^{irnet.exp_times} steps, background {irnet.background} "
+          f"({'threshold ' + str(irnet.threshold) if irnet.background == 'plane' else 'weight ' + str(irnet.bg_weight)}), "
+          f"CRF after the walk: {irnet.post_crf}; {os.cpu_count()} cores")
     print("| measure | value | target |")
     print("|---|---:|---|")
     print(f"| images kept by the confidence cutoff | {ir['images_kept']} of {ir['images_train']} | |")
@@ -51,6 +53,8 @@ def main() -> None:
     print(f"| IR labels: fg precision / bg precision | {ir['fg_precision']:.3f} / {ir['bg_precision']:.3f} | |")
     print(f"| pseudo-mask mIoU, val | {pseudo['miou']:.3f} | >= CAM + CRF + 0.03 = {cam_crf + 0.03:.3f} |")
     print(f"| pseudo-mask mIoU without the person class | {pseudo['miou_without_person']:.3f} | |")
+    if irnet.post_crf:
+        print(f"| pseudo-mask mIoU before the CRF | {outcomes['pseudo-masks']['val_before_crf_miou']:.3f} | |")
     for stage, seconds in timings.items():
         print(f"| {stage} seconds | {seconds:.0f} | |")
     print(f"| the three stages, seconds | {sum(timings.values()):.0f} | <= 300 |")

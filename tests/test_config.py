@@ -43,6 +43,11 @@ def _problems(overrides: dict) -> str:
         ({"irnet.conf_bg": 0.8}, "irnet.conf_bg", "below conf_fg"),
         ({"irnet.infer_scale": 3}, "irnet.infer_scale", "3"),
         ({"segmenter.output_stride": 32}, "segmenter.output_stride", "32"),
+        ({"irnet.background": "flood"}, "irnet.background", "'flood'"),
+        ({"segmenter.scale_range": [2.0, 1.0]}, "segmenter.scale_range", "0 < min <= max"),
+        ({"segmenter.optimizer": "lion"}, "segmenter.optimizer", "'lion'"),
+        ({"segmenter.batch_size": 1}, "segmenter.batch_size", "greater than or equal to 2"),
+        ({"evaluate.tta_scales": [1.0, -0.5]}, "evaluate.tta_scales", "must be positive"),
     ],
 )
 def test_bad_values_name_their_key(overrides, key, fragment):

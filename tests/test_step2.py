@@ -14,7 +14,7 @@ from wsss.errors import ConfigError
 from wsss.ir_labels import IrInput, combine, ir_labels_many, seed_maps
 from wsss.models.classifier import build_classifier
 from wsss.models.irnet import IRNet, classifier_stages
-from wsss.random_walk import propagate, propagate_many, pseudo_mask
+from wsss.random_walk import propagate, propagate_many, pseudo_mask, walk_seeds
 from wsss.stages.ir_labels import confident_ids
 
 
@@ -174,3 +174,31 @@ def test_pseudo_mask_from_a_walk_on_the_enlarged_image():
     walked[0, :3, :3] = 1.0
     mask = pseudo_mask(walked, np.array([5]), (12, 12), threshold=0.5, upsample=2)
     assert mask.shape == (12, 12) and mask[0, 0] == 5 and mask[5, 5] == 5 and mask[11, 11] == 0
+
+
+def test_walk_seeds_put_a_background_seed_first_only_for_a_walked_background():
+    cams = torch.zeros(2, 4, 4)
+    cams[0, 0, 0], cams[0, 1, 1] = 4.0, 2.0  # class maps of different strength
+    cams[1, 3, 3] = 0.5
+    assert walk_seeds(cams, "plane") is cams
+    seeds = walk_seeds(cams, "walk")
+    assert seeds.shape == (3, 4, 4) and torch.equal(seeds[1:], cams)
+    # 1 - max over the classes of each map divided by its own max
+    assert seeds[0, 0, 0] == 0.0 and seeds[0, 1, 1] == 0.5 and seeds[0, 3, 3] == 0.0 and seeds[0, 2, 0] == 1.0
+    assert walk_seeds(torch.zeros(0, 4, 4), "walk").shape == (0, 4, 4)
+
+
+def test_pseudo_mask_with_a_walked_background_normalises_each_map_and_weighs_the_background():
+    walked = torch.zeros(3, 3, 3)  # background, class 2, class 7 on a 3x3 grid of a 12x12 image
+    walked[0] = 0.5
+    walked[0, 1, 1] = 1.0
+    walked[1, 0, 0] = 10.0  # a strong class
+    walked[2, 2, 2] = 0.1  # a weak class: its own max makes it count as much as the strong one
+    mask = pseudo_mask(walked, np.array([2, 7]), (12, 12), threshold=0.9, background="walk", bg_weight=1.0)
+    assert mask[0, 0] == 2 and mask[11, 11] == 7 and mask[6, 6] == 0
+    # a heavier background takes the weak pixels where the class is only as strong as 1.5x the background
+    walked[0, 2, 2] = 0.7
+    assert pseudo_mask(walked, np.array([2, 7]), (12, 12), 0.9, background="walk", bg_weight=1.0)[11, 11] == 7
+    assert pseudo_mask(walked, np.array([2, 7]), (12, 12), 0.9, background="walk", bg_weight=1.5)[11, 11] == 0
+    with pytest.raises(ValueError, match="3 maps"):
+        pseudo_mask(walked[1:], np.array([2, 7]), (12, 12), 0.9, background="walk")

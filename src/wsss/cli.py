@@ -32,7 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(subparsers, "ir-labels", "step 2: IR labels (fg/bg/unsure) of the confident training images")
     _stage_parser(subparsers, "train-irnet", "step 2: train IRNet (boundary and displacement) on the IR labels")
     _stage_parser(subparsers, "pseudo-masks", "step 2: random walk on IRNet's affinities -> pseudo masks, val mIoU")
+    _stage_parser(subparsers, "train-segmenter", "step 3: train DeepLabv3+ on the pseudo masks")
+    _stage_parser(subparsers, "oracle", "step 3: the same segmenter on the true training masks (upper bound)")
+    _stage_parser(subparsers, "evaluate", "step 3: val and test scores with and without TTA, pictures")
+    _stage_parser(subparsers, "report", "reports/summary.md and the MLflow pipeline run")
     _stage_parser(subparsers, "check-params", "validate a parameters file and exit")
+    from wsss import predict
+
+    predict.add_arguments(subparsers.add_parser("predict", help="segment images with a trained model (palette masks + overlays)"))
     vendor = subparsers.add_parser("vendor-fashion-mnist", help="rebuild the committed Fashion-MNIST subset")
     vendor.add_argument("--from", dest="source", default="/usr/share/datasets/fashion-mnist", help="folder with the four *-ubyte.gz files")
     vendor.add_argument("--out", default="data/sources/fashion-mnist", help="output folder")
@@ -67,6 +74,10 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "predict":
+        from wsss import predict
+
+        return predict.main_from_args(args)
     try:
         _run(args)
     except WsssError as error:

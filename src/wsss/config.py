@@ -219,7 +219,14 @@ class IrnetParams(_Group):
     augmentation: Literal["strong", "flip", "none"] = "strong"
     beta: float = Field(10, gt=0)
     exp_times: int = Field(8, ge=0, le=12)
+    # After the walk: "plane" (irn, paper) puts a constant background plane at `threshold`
+    # before the class maps (all divided by their common max); "walk" (AffinityNet's way) also
+    # walks a background seed 1 - max over the classes of the max-normalised CAMs, divides every
+    # walked map by its own max and weighs the background by `bg_weight`.
+    background: Literal["plane", "walk"] = "plane"
     threshold: float = Field(0.3, gt=0, lt=1)
+    bg_weight: float = Field(1.0, gt=0)
+    post_crf: bool = False  # dense CRF (the `crf` group) on the pseudo masks, as step 1 does on CAMs
     workers: int = Field(0, ge=0)
     threads: int = Field(0, ge=0)
 
@@ -233,21 +240,46 @@ class IrnetParams(_Group):
 
 
 class SegmenterParams(_Group):
-    """Step 3: DeepLabv3+ trained on the pseudo masks."""
+    """Step 3: DeepLabv3+ (segmentation-models-pytorch) trained on the pseudo masks; the
+    ``oracle`` stage trains the same network with the same budget on ground-truth masks."""
 
-    encoder: str
-    encoder_weights: str = "none"  # none | imagenet | path
-    output_stride: Literal[8, 16] = 16
-    image_size: int = Field(ge=16)
-    batch_size: int = Field(ge=1)
+    encoder: str = Field(min_length=1)  # any smp encoder name: resnet50 (paper), resnet101, resnet18, ...
+    encoder_weights: str = "none"  # none | imagenet | path to a local state dict of the encoder
+    output_stride: Literal[8, 16] = 16  # dilation instead of stride in the last stage(s)
+    decoder_channels: int = Field(256, ge=8)  # DeepLabv3+ decoder / ASPP width (smp and paper: 256)
+    image_size: int = Field(ge=16)  # training side; images and masks are resized to it
+    batch_size: int = Field(ge=2)  # the ASPP's image pooling has BatchNorm over one value per image
     epochs: int = Field(ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # paper: SGD; from scratch AdamW learns much faster
     lr: float = Field(1e-3, gt=0)
+    lr_head_factor: float = Field(1.0, gt=0)  # decoder + head learning rate = lr x this (NPA: 10)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-6, ge=0)
+    augmentation: Literal["strong", "flip", "none"] = "strong"  # applied to image and mask together
+    scale_range: tuple[float, float] = (1.0, 1.0)  # random zoom of each training image (DeepLab: 0.5-2)
+    workers: int = Field(0, ge=0)  # DataLoader worker processes
+    threads: int = Field(0, ge=0)  # torch CPU threads, 0 = every core
+
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> SegmenterParams:
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range: needs 0 < min <= max, got {list(self.scale_range)}")
+        return self
 
 
 class EvaluateParams(_Group):
-    tta_scales: list[float] = Field([0.5, 1.0, 2.0], min_length=1)
+    """Test-time augmentation and evaluation (stage evaluate)."""
+
+    tta_scales: list[float] = Field([0.5, 1.0, 2.0], min_length=1)  # x {image, mirror}
+    num_figures: int = Field(6, ge=0)  # val images in the Figure-2 picture
+
+    @model_validator(mode="after")
+    def _positive_scales(self) -> EvaluateParams:
+        if any(scale <= 0 for scale in self.tta_scales):
+            raise ValueError(f"tta_scales: every scale must be positive, got {self.tta_scales}")
+        return self
 
 
 class TrackingParams(_Group):

@@ -8,8 +8,15 @@ vectors ``x`` (one per class) propagated ``2 ** exp_times`` steps: ``x <- x T``.
 step is one sparse product (scipy CSR) with ~``2K + 1`` non-zeros per column (69 for radius 5),
 and many images walk together as one block-diagonal matrix.
 
-Pseudo masks: the walked maps are upsampled x4 (bilinear, cropped to the image), divided by
-their global maximum, a background plane at ``irnet.threshold`` goes in front, argmax.
+Pseudo masks: the walked maps are upsampled x4 (bilinear, cropped to the image), then
+(``irnet.background``):
+
+- ``plane`` (irn, the paper): divided by their global maximum, a constant background plane at
+  ``irnet.threshold`` goes in front, argmax.
+- ``walk`` (AffinityNet's way): a background seed ``1 - max_c CAM_c / max CAM_c`` is walked with
+  the classes (:func:`walk_seeds`); every walked map is divided by its own maximum, the background
+  map is multiplied by ``irnet.bg_weight``, argmax. Where CAMs are coarse the background region
+  picks up the CAMs' spill and floods under a constant plane; a walked background does not.
 """
 
 from __future__ import annotations
@@ -115,15 +122,34 @@ def propagate_dense(cams: torch.Tensor, boundary: torch.Tensor, radius: int, bet
     return (state @ power).reshape(channels, height, width)
 
 
+def walk_seeds(cams: torch.Tensor, background: str) -> torch.Tensor:
+    """The maps to walk: the class maps ``[C, h, w]``, with a background seed in front when
+    ``background == "walk"``: ``1 - max over the classes of each map divided by its own max``."""
+    if background == "plane" or cams.shape[0] == 0:
+        return cams
+    peaks = cams.flatten(1).amax(dim=1).clamp(min=1e-5)[:, None, None]
+    seed = 1.0 - (cams / peaks).amax(dim=0)
+    return torch.cat([seed.clamp(min=0.0)[None], cams])
+
+
 def pseudo_mask(walked: torch.Tensor, class_ids: np.ndarray, image_size: tuple[int, int], threshold: float,
-                upsample: int = 4) -> np.ndarray:
+                upsample: int = 4, background: str = "plane", bg_weight: float = 1.0) -> np.ndarray:
     """Upsample walked maps (x4 for the stride-4 grid; x2 when the walk ran on the image enlarged
-    twice), crop to the image, normalise by the global max, background plane, argmax."""
+    twice), crop to the image, then a background plane at ``threshold`` before the maps divided by
+    their global max (``background="plane"``), or, for a walked background (first row of
+    ``walked``, :func:`walk_seeds`), each map divided by its own max and the background weighted
+    by ``bg_weight``; argmax, mapped to the dataset's class ids."""
     height, width = image_size
-    if walked.shape[0] == 0:
+    if len(class_ids) == 0:
         return np.zeros(image_size, dtype=np.uint8)
     up = F.interpolate(walked[None], scale_factor=upsample, mode="bilinear", align_corners=False)[0, :, :height, :width]
-    up = up / (up.max() + 1e-5)
-    scores = torch.cat([torch.full((1, height, width), threshold, dtype=up.dtype), up])
+    if background == "plane":
+        up = up / (up.max() + 1e-5)
+        scores = torch.cat([torch.full((1, height, width), threshold, dtype=up.dtype), up])
+    else:
+        if up.shape[0] != len(class_ids) + 1:
+            raise ValueError(f"a walked background needs {len(class_ids) + 1} maps, got {up.shape[0]}")
+        scores = up / (up.flatten(1).amax(dim=1)[:, None, None] + 1e-5)
+        scores[0] *= bg_weight
     lookup = np.concatenate([[0], class_ids]).astype(np.uint8)
     return lookup[scores.argmax(dim=0).numpy()]

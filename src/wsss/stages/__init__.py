@@ -24,4 +24,8 @@ STAGES: dict[str, Callable[[Any, Path], Any]] = {
     "ir-labels": _lazy("ir_labels", "run_ir_labels"),
     "train-irnet": _lazy("irnet", "run_train_irnet"),
     "pseudo-masks": _lazy("irnet", "run_pseudo_masks"),
+    "train-segmenter": _lazy("segmenter", "run_train_segmenter"),
+    "oracle": _lazy("segmenter", "run_oracle"),
+    "evaluate": _lazy("segmenter", "run_evaluate"),
+    "report": _lazy("segmenter", "run_report"),
 }

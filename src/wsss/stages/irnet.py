@@ -3,9 +3,9 @@
 ``train_irnet``: ``models/irnet/model.pt``, ``metrics/irnet.json``; losses per step to MLflow;
 resumable from ``checkpoints/irnet/last.pt``.
 ``pseudo_masks``: ``pseudo_masks/{train,val}/<id>.png`` (palette PNGs) for every train and val
-image, ``metrics/pseudo_masks.json`` (val mIoU, per-class IoU: the paper's Table 2 row "IRNet"),
-``plots/pseudo_masks/per_class_iou.csv``; MLflow gets an overlay figure (image | CAM + CRF |
-pseudo mask | ground truth).
+image, ``metrics/pseudo_masks.json`` (val mIoU, per-class IoU: the paper's Table 2 row "IRNet";
+with ``irnet.post_crf`` also the mIoU before the CRF), ``plots/pseudo_masks/per_class_iou.csv``;
+MLflow gets an overlay figure (image | CAM + CRF | pseudo mask | ground truth).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from wsss import augment, checkpoint, tracking, visualize
 from wsss.cam import label_map, load_cams
-from wsss.config import Params
-from wsss.crf import crf_labels
+from wsss.config import Params, flatten
+from wsss.crf import CrfTask, crf_labels, crf_many
 from wsss.data.manifest import load_manifest
 from wsss.io import atomic_dir, read_image, read_json, read_mask, write_csv, write_json, write_mask_png
 from wsss.irnet import LAST, IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
-from wsss.random_walk import propagate_many, pseudo_mask
+from wsss.random_walk import propagate_many, pseudo_mask, walk_seeds
 from wsss.stages.cams import CAMS_DIR, INDEX
 from wsss.stages.cams import METRICS as CAMS_METRICS
 from wsss.stages.classifier import MODEL_PATH as CLASSIFIER_PATH
@@ -40,7 +40,7 @@ PSEUDO_METRICS = Path("metrics/pseudo_masks.json")
 PSEUDO_PLOT = Path("plots/pseudo_masks/per_class_iou.csv")
 TRAIN_KEYS = ("backbone", "backbone_weights", "train_radius", "train_scales", "crop_size", "batch_size", "epochs",
               "lr_displacement", "lr_boundary", "momentum", "weight_decay", "augmentation")
-WALK_KEYS = ("infer_radius", "infer_scale", "beta", "exp_times", "threshold")
+WALK_KEYS = ("infer_radius", "infer_scale", "beta", "exp_times", "background", "threshold", "bg_weight", "post_crf")
 WALK_BATCH = 64
 
 
@@ -94,6 +94,17 @@ def _overlay_figure(examples: list[dict]):
     return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", "ground truth"], row_labels=[e["id"] for e in examples])
 
 
+def _pseudo_masks_of_chunk(model, chunk_images: list[np.ndarray], chunk_cams: list, params: Params) -> list[np.ndarray]:
+    """Walk one chunk of images together and turn the walked maps into label maps (before any CRF)."""
+    walk = params.irnet
+    boundaries = [model.boundary_map(augment.to_tensor(_enlarge(img, walk.infer_scale))[None])[0] for img in chunk_images]
+    seeds = [walk_seeds(_walk_input(c, b.shape, walk.infer_scale), walk.background) for c, b in zip(chunk_cams, boundaries, strict=True)]
+    walked = propagate_many(seeds, boundaries, walk.infer_radius, walk.beta, walk.exp_times)
+    return [pseudo_mask(result, cam.class_ids, image.shape[:2], walk.threshold, upsample=4 // walk.infer_scale,
+                        background=walk.background, bg_weight=walk.bg_weight)
+            for image, cam, result in zip(chunk_images, chunk_cams, walked, strict=True)]
+
+
 def run_pseudo_masks(params: Params, root: Path) -> dict:
     import mlflow
 
@@ -109,10 +120,13 @@ def run_pseudo_masks(params: Params, root: Path) -> dict:
     names = manifests["val"].class_names
     num_classes = len(names)
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    walk_matrix = np.zeros_like(matrix)  # before the CRF
     examples: list[dict] = []
+    logged = {f"irnet.{k}": getattr(walk, k) for k in WALK_KEYS}
+    if walk.post_crf:
+        logged.update(flatten(params.crf.model_dump(), "crf."))
 
-    with tracking.stage_run("pseudo_masks", params.tracking.experiment, {f"irnet.{k}": getattr(walk, k) for k in WALK_KEYS},
-                            root=root, hashes=hashes):
+    with tracking.stage_run("pseudo_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
         with atomic_dir(root / PSEUDO_DIR) as staging:
             for split, manifest in manifests.items():
                 (staging / split).mkdir()
@@ -121,29 +135,35 @@ def run_pseudo_masks(params: Params, root: Path) -> dict:
                     chunk = records[start : start + WALK_BATCH]
                     images = [read_image(manifest.image_path(r)) for r in chunk]
                     cams = [load_cams(root / CAMS_DIR / split / f"{r.id}.npz", expected_size=img.shape[:2]) for r, img in zip(chunk, images, strict=True)]
-                    boundaries = [model.boundary_map(augment.to_tensor(_enlarge(img, walk.infer_scale))[None])[0] for img in images]
-                    walk_inputs = [_walk_input(c, b.shape, walk.infer_scale) for c, b in zip(cams, boundaries, strict=True)]
-                    walked = propagate_many(walk_inputs, boundaries, walk.infer_radius, walk.beta, walk.exp_times)
-                    for record, image, cam, result in zip(chunk, images, cams, walked, strict=True):
-                        mask = pseudo_mask(result, cam.class_ids, image.shape[:2], walk.threshold, upsample=4 // walk.infer_scale)
+                    walked_masks = _pseudo_masks_of_chunk(model, images, cams, params)
+                    masks = walked_masks
+                    if walk.post_crf:
+                        tasks = [CrfTask(r.id, img, m) for r, img, m in zip(chunk, images, walked_masks, strict=True)]
+                        masks = [refined for _, refined in crf_many(tasks, params.crf)]
+                    for record, image, cam, walked_mask, mask in zip(chunk, images, cams, walked_masks, masks, strict=True):
                         write_mask_png(staging / split / f"{record.id}.png", mask)
                         if split == "val" and record.mask is not None:
                             truth = read_mask(manifest.mask_path(record))
                             matrix += confusion_matrix(truth, mask, num_classes)
+                            walk_matrix += confusion_matrix(truth, walked_mask, num_classes)
                             if len(examples) < params.cams.num_overlays:
                                 cam_crf = crf_labels(image, label_map(cam.full, cam.class_ids, params.cams.eval_threshold), params.crf)
                                 examples.append({"id": record.id, "image": image, "cam_crf": cam_crf, "pseudo": mask, "truth": truth})
 
         scores = segmentation_scores(matrix)
-        metrics = {"val": scores.as_dict(names), "threshold": walk.threshold}
+        metrics = {"val": scores.as_dict(names), "background": walk.background, "threshold": walk.threshold,
+                   "bg_weight": walk.bg_weight, "post_crf": walk.post_crf}
         person = manifests["val"].person_class
         if person is not None:
             metrics["val"]["miou_without_person"] = scores.miou_without(person)
+        if walk.post_crf:
+            metrics["val_before_crf_miou"] = segmentation_scores(walk_matrix).miou
         if (root / CAMS_METRICS).is_file():
             metrics["gain_over_cam_crf"] = scores.miou - read_json(root / CAMS_METRICS)["cam_crf"]["miou"]
         write_json(root / PSEUDO_METRICS, metrics)
         write_csv(root / PSEUDO_PLOT, [{"class": n, "iou": "" if v is None else f"{v:.6f}"} for n, v in metrics["val"]["iou"].items()])
-        mlflow.log_metrics({"pseudo_mask_miou": scores.miou, **{f"pseudo_iou_{n}": v for n, v in metrics["val"]["iou"].items() if v is not None}})
+        mlflow.log_metrics({"pseudo_mask_miou": scores.miou, **{f"pseudo_iou_{n}": v for n, v in metrics["val"]["iou"].items() if v is not None},
+                            **({"pseudo_mask_miou_before_crf": metrics["val_before_crf_miou"]} if walk.post_crf else {})})
         if examples:
             figure = _overlay_figure(examples)
             mlflow.log_figure(figure, "pseudo_mask_overlays.png")

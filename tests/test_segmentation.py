@@ -1,0 +1,281 @@
+"""Step 3 library on tiny data: the DeepLabv3+ factory, padding, TTA, the dataset and training with resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss import checkpoint
+from wsss.config import SegmenterParams
+from wsss.errors import ConfigError, DataError
+from wsss.io import IGNORE_INDEX, write_image_png, write_mask_png
+from wsss.models.segmenter import SegmenterSpec, build_segmenter, load_segmenter, padded_forward, save_segmenter
+from wsss.segmentation import LAST, SegmentationDataset, evaluate_segmenter, train_segmenter
+from wsss.tta import predict_labels, tta_logits
+
+NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads are many times slower for these tiny nets."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_segmenter(output_stride: int = 16, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_segmenter("resnet18", NUM_CLASSES, output_stride=output_stride, decoder_channels=16)
+
+
+def write_pairs(folder: Path, count: int, height: int, width: int, seed: int) -> tuple[list[Path], list[Path]]:
+    """Noisy images with a bright square (class 1) and a dark bar (class 2), and their masks."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, masks = [], []
+    for index in range(count):
+        image = rng.integers(60, 120, size=(height, width, 3), dtype=np.uint8)
+        mask = np.zeros((height, width), dtype=np.uint8)
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        image[top : top + height // 3, left : left + width // 3] = (230, 40, 40)
+        mask[top : top + height // 3, left : left + width // 3] = 1
+        row = rng.integers(height // 2, height - 3)
+        image[row : row + 3, :] = (10, 10, 200)
+        mask[row : row + 3, :] = 2
+        images.append(folder / f"{index:03d}.png")
+        masks.append(folder / f"{index:03d}_mask.png")
+        write_image_png(images[-1], image)
+        write_mask_png(masks[-1], mask)
+    return images, masks
+
+
+# --- factory -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_factory_gives_logits_of_the_input_size(output_stride):
+    model = tiny_segmenter(output_stride).eval()
+    with torch.no_grad():
+        logits = model(torch.zeros(2, 3, 32, 48))
+    assert logits.shape == (2, NUM_CLASSES, 32, 48)
+    assert model.encoder.output_stride == output_stride
+
+
+def test_encoder_weights_from_a_local_file(tmp_path):
+    source = tiny_segmenter(seed=1)
+    torch.save(source.encoder.state_dict(), tmp_path / "encoder.pth")
+    torch.save({"state_dict": source.encoder.state_dict()}, tmp_path / "wrapped.pth")
+    for name in ("encoder.pth", "wrapped.pth"):
+        torch.manual_seed(2)
+        model = build_segmenter("resnet18", NUM_CLASSES, decoder_channels=16, encoder_weights=str(tmp_path / name))
+        assert torch.equal(model.encoder.conv1.weight, source.encoder.conv1.weight)
+        assert torch.equal(model.encoder.layer4[1].bn2.running_var, source.encoder.layer4[1].bn2.running_var)
+
+    (tmp_path / "garbage.pth").write_bytes(b"not a state dict")
+    resnet34 = build_segmenter("resnet34", NUM_CLASSES, decoder_channels=16)
+    torch.save(resnet34.encoder.state_dict(), tmp_path / "resnet34.pth")
+    for name in ("missing.pth", "garbage.pth", "resnet34.pth"):
+        with pytest.raises(ConfigError, match=f"segmenter.encoder_weights: .*{name}"):
+            build_segmenter("resnet18", NUM_CLASSES, decoder_channels=16, encoder_weights=str(tmp_path / name))
+
+
+def test_imagenet_weights_come_from_smp_and_a_failed_download_is_a_config_error(monkeypatch):
+    import segmentation_models_pytorch as smp
+
+    real_get_encoder = smp.encoders.get_encoder
+
+    def offline_hub(name, weights, output_stride):
+        assert weights == "imagenet"
+        torch.manual_seed(7)
+        return real_get_encoder(name, weights=None, output_stride=output_stride)
+
+    monkeypatch.setattr(smp.encoders, "get_encoder", offline_hub)
+    model = build_segmenter("resnet18", NUM_CLASSES, decoder_channels=16, encoder_weights="imagenet")
+    torch.manual_seed(7)
+    assert torch.equal(model.encoder.conv1.weight, real_get_encoder("resnet18").conv1.weight)
+
+    def no_network(name, weights, output_stride):
+        raise OSError("no network")
+
+    monkeypatch.setattr(smp.encoders, "get_encoder", no_network)
+    with pytest.raises(ConfigError, match="segmenter.encoder_weights: cannot get ImageNet weights.*no network"):
+        build_segmenter("resnet18", NUM_CLASSES, decoder_channels=16, encoder_weights="imagenet")
+
+
+def test_an_unknown_encoder_is_a_config_error():
+    with pytest.raises(ConfigError, match="segmenter.encoder: unknown encoder 'resnet19'.*resnet50"):
+        build_segmenter("resnet19", NUM_CLASSES)
+
+
+def test_model_file_round_trip_and_bogus_files(tmp_path):
+    model = tiny_segmenter()
+    spec = SegmenterSpec("resnet18", NUM_CLASSES, 16, 16, ("background", "square", "bar"))
+    save_segmenter(tmp_path / "model.pt", model, spec, {"best_epoch": 3})
+    loaded, loaded_spec = load_segmenter(tmp_path / "model.pt")
+    assert loaded_spec == spec and not loaded.training
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[key], restored[key]) for key in saved)
+
+    checkpoint.save(tmp_path / "other.pt", {"model": {}, "epoch": 1})
+    (tmp_path / "bytes.pt").write_bytes(b"not a checkpoint")
+    for name in ("other.pt", "bytes.pt", "missing.pt"):
+        with pytest.raises(DataError, match=name):
+            load_segmenter(tmp_path / name)
+
+
+def test_padded_forward_returns_logits_of_any_image_size():
+    model = tiny_segmenter().eval()
+    with torch.no_grad():
+        assert padded_forward(model, torch.randn(1, 3, 50, 37)).shape == (1, NUM_CLASSES, 50, 37)
+        assert padded_forward(model, torch.randn(2, 3, 5, 3)).shape == (2, NUM_CLASSES, 5, 3)  # replicate padding
+        plain = torch.randn(1, 3, 32, 48)
+        assert torch.equal(padded_forward(model, plain), model(plain))
+
+
+# --- test-time augmentation ----------------------------------------------------------------------
+
+
+class MirrorEquivariant(nn.Module):
+    """A 3x3 conv averaged with its mirrored self: f(mirror(x)) = mirror(f(x)) by construction."""
+
+    def __init__(self, symmetric: bool = True):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, NUM_CLASSES, 3, padding=1)
+        self.symmetric = symmetric
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.symmetric:
+            return self.conv(images)
+        return (self.conv(images) + self.conv(images.flip(-1)).flip(-1)) / 2
+
+
+def test_flip_tta_of_a_mirror_equivariant_model_is_the_plain_prediction():
+    images = torch.randn(2, 3, 17, 23)
+    model = MirrorEquivariant().eval()
+    with torch.no_grad():
+        plain = padded_forward(model, images)
+        flipped = tta_logits(model, images, [1.0], flip=True)
+        assert torch.allclose(flipped, plain, atol=1e-6)
+        assert torch.equal(flipped.argmax(1), plain.argmax(1))
+        assert torch.equal(tta_logits(model, images, [1.0], flip=False), plain)
+        asymmetric = MirrorEquivariant(symmetric=False)
+        assert not torch.allclose(tta_logits(asymmetric, images, [1.0]), padded_forward(asymmetric, images), atol=1e-4)
+    image = np.random.default_rng(0).integers(0, 256, size=(17, 23, 3), dtype=np.uint8)
+    assert np.array_equal(predict_labels(model, image, [1.0]), predict_labels(model, image, None))
+
+
+def test_tta_keeps_the_input_size_at_every_scale():
+    model = tiny_segmenter().eval()
+    with torch.no_grad():
+        no_tta = tta_logits(model, torch.ones(1, 3, 37, 29), [1.0], flip=False)
+        assert torch.equal(no_tta, padded_forward(model, torch.ones(1, 3, 37, 29)))
+        logits = tta_logits(model, torch.randn(2, 3, 37, 29), [0.5, 1.0, 2.0])
+    assert logits.shape == (2, NUM_CLASSES, 37, 29)
+    labels = predict_labels(model, np.zeros((37, 29, 3), dtype=np.uint8), [0.5, 1.0, 2.0])
+    assert labels.shape == (37, 29) and labels.dtype == np.uint8 and labels.max() < NUM_CLASSES
+
+
+# --- dataset -------------------------------------------------------------------------------------
+
+
+def test_dataset_rejects_a_mask_of_another_size(tmp_path):
+    images, masks = write_pairs(tmp_path, 2, 32, 32, seed=0)
+    write_mask_png(masks[1], np.zeros((32, 30), dtype=np.uint8))
+    dataset = SegmentationDataset(images, masks, 32, "none", seed=0)
+    assert dataset[0][1].shape == (32, 32)
+    with pytest.raises(DataError, match=f"{masks[1].name}: mask is 30x32 but its image"):
+        dataset[1]
+
+
+def test_augmentation_moves_the_mask_and_fills_uncovered_areas_with_ignore(tmp_path):
+    images, masks = write_pairs(tmp_path, 1, 48, 40, seed=1)
+    dataset = SegmentationDataset(images, masks, 32, "strong", seed=0)
+    seen: set[int] = set()
+    for epoch in range(30):
+        dataset.epoch = epoch
+        image, mask = dataset[0]
+        assert image.shape == (3, 32, 32) and mask.shape == (32, 32) and mask.dtype == torch.int64
+        seen |= set(mask.unique().tolist())
+    assert seen <= {0, 1, 2, IGNORE_INDEX}
+    assert IGNORE_INDEX in seen  # rotation / translation uncovered corners: ignored, not background
+
+    flips = SegmentationDataset(images, masks, None, "flip", seed=0)
+    for epoch in range(4):
+        flips.epoch = epoch
+        image, mask = flips[0]
+        red = (image[0] > 1.5) & (image[2] < 0)  # the class-1 square, normalised
+        assert torch.equal(red, mask == 1)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    train_images, train_masks = write_pairs(tmp_path / "train", 8, 32, 32, seed=2)
+    val_images, val_masks = write_pairs(tmp_path / "val", 3, 36, 44, seed=3)
+    config = SegmenterParams(encoder="resnet18", decoder_channels=16, image_size=32, batch_size=3, epochs=2, lr=0.01,
+                             lr_head_factor=10.0, augmentation="flip", threads=1)
+    spec = SegmenterSpec("resnet18", NUM_CLASSES, 16, 16, ("background", "square", "bar"))
+
+    def run(folder: str, fingerprint: str = "fp", on_epoch=None):
+        dataset = SegmentationDataset(train_images, train_masks, config.image_size, config.augmentation, seed=5)
+        return train_segmenter(config, 5, spec, dataset, val_images, val_masks, tmp_path / folder, fingerprint,
+                               on_epoch=on_epoch, extra_state={"mlflow_run_id": "abc"})
+
+    uninterrupted = run("a")
+    assert uninterrupted.resumed_from is None and uninterrupted.steps == 4 and len(uninterrupted.history) == 2
+    assert all(0 <= record.val_miou <= 1 for record in uninterrupted.history)
+    assert uninterrupted.history[1].lr < uninterrupted.history[0].lr  # poly decay
+
+    def crash_after_first_epoch(record):
+        if record.epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run("b", on_epoch=crash_after_first_epoch)
+    state = checkpoint.load(tmp_path / "b" / LAST)
+    assert state["epoch"] == 1 and state["step"] == 2 and state["mlflow_run_id"] == "abc"
+    resumed = run("b")
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+
+    final_a = checkpoint.load(tmp_path / "a" / LAST)["model"]
+    final_b = checkpoint.load(tmp_path / "b" / LAST)["model"]
+    assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[key], final_b[key]) for key in final_a)
+    assert [r.val_miou for r in uninterrupted.history] == [r.val_miou for r in resumed.history]
+    assert resumed.best_epoch == uninterrupted.best_epoch
+    assert all(torch.equal(uninterrupted.best_state[key], resumed.best_state[key]) for key in final_a)
+
+    fresh = run("b", fingerprint="other params")
+    assert fresh.resumed_from is None and fresh.steps == 4  # a checkpoint of other params is never continued
+
+    model = tiny_segmenter()
+    model.load_state_dict(resumed.best_state)
+    scores = evaluate_segmenter(model, val_images, val_masks, NUM_CLASSES, batch_size=2)
+    assert scores.miou == pytest.approx(resumed.best_miou)
+
+
+def test_evaluation_scores_a_perfect_prediction(tmp_path):
+    images, masks = write_pairs(tmp_path, 2, 20, 24, seed=4)
+
+    class Oracle(nn.Module):
+        """Logits from the colours write_pairs paints: red square 1, blue bar 2, noise 0."""
+
+        def forward(self, batch: torch.Tensor) -> torch.Tensor:
+            red = (batch[:, 0] > 1.5) & (batch[:, 2] < 0)
+            blue = batch[:, 2] > 1.0
+            return F.one_hot(torch.where(red, 1, torch.where(blue, 2, 0)), NUM_CLASSES).permute(0, 3, 1, 2).float()
+
+    scores = evaluate_segmenter(Oracle(), images, masks, NUM_CLASSES)
+    assert scores.miou == pytest.approx(1.0)

@@ -1,0 +1,127 @@
+"""Step 3 on tiny data: train_segmenter, oracle, evaluate, report and `wsss predict`, end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import make_document
+from test_step1 import STEP2
+from wsss.cli import main
+from wsss.data.manifest import load_manifest
+from wsss.io import read_mask
+from wsss.models.segmenter import load_segmenter
+from wsss.stages.segmenter import summary_markdown
+
+STEP3 = {**STEP2, "segmenter.epochs": 2, "segmenter.batch_size": 8, "segmenter.image_size": 32, "segmenter.decoder_channels": 16,
+         "segmenter.threads": 1, "evaluate.tta_scales": [1.0, 0.5], "evaluate.num_figures": 2}
+
+
+@pytest.fixture
+def step2_project(project: Path, mlflow_store) -> Path:
+    (project / "params.yaml").write_text(yaml.safe_dump(make_document(STEP3)))
+    for stage in ("prepare", "split", "train-classifier", "cams", "ir-labels", "train-irnet", "pseudo-masks"):
+        assert main([stage, "--root", str(project)]) == 0, stage
+    return project
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_step3_stages_train_evaluate_and_report(step2_project):
+    root = step2_project
+    for stage in ("train-segmenter", "oracle", "evaluate", "report"):
+        assert main([stage, "--root", str(root)]) == 0, stage
+
+    model, spec = load_segmenter(root / "models/segmenter/model.pt")
+    assert spec.num_classes == 8 and spec.decoder_channels == 16
+    segmenter = json.loads((root / "metrics/segmenter.json").read_text())
+    assert segmenter["trained_on"] == "pseudo masks" and 1 <= segmenter["best_epoch"] <= 2
+    assert [int(r["epoch"]) for r in _rows(root / "plots/segmenter/training.csv")] == [1, 2]
+
+    oracle = json.loads((root / "metrics/oracle.json").read_text())
+    assert oracle["available"] and oracle["trained_on"] == "truth masks"
+    evaluate = json.loads((root / "metrics/evaluate.json").read_text())
+    for split in ("val", "test"):
+        for mode in ("plain", "tta"):
+            scores = evaluate[split][mode]
+            assert set(scores) >= {"miou", "mean_accuracy", "pixel_accuracy", "iou", "miou_without_person"}
+            assert 0 <= scores["miou"] <= 1 and 0 <= scores["pixel_accuracy"] <= 1
+            assert 0 <= oracle[split][mode]["miou"] <= 1
+        assert evaluate[split]["tta_gain_miou"] == pytest.approx(evaluate[split]["tta"]["miou"] - evaluate[split]["plain"]["miou"])
+
+    # the confusion matrix counts every labelled test pixel once
+    test = load_manifest(root / "data/splits/test.json")
+    labelled = sum(int((read_mask(test.mask_path(r)) != 255).sum()) for r in test.records)
+    cells = _rows(root / "plots/evaluate/confusion_matrix.csv")
+    assert len(cells) == 64 and sum(int(c["pixels"]) for c in cells) == labelled
+    for picture in ("confusion_matrix.png", "per_class_iou.png", "figure2.png"):
+        assert (root / "plots/evaluate" / picture).stat().st_size > 1000
+
+    summary = (root / "reports/summary.md").read_text()
+    assert "Table 2" in summary and "Table 1" in summary and "of the upper bound's test mIoU" in summary
+    assert f"{100 * evaluate['test']['tta']['miou']:.2f}" in summary
+
+    runs = mlflow.search_runs(experiment_names=["wsss"], order_by=["attributes.start_time ASC"])
+    stages = list(runs["tags.wsss.stage"])
+    assert stages[-4:] == ["train_segmenter", "oracle", "evaluate", "pipeline"]  # one run per stage
+    pipeline = runs.iloc[-1]
+    assert pipeline["params.segmenter.encoder"] == "resnet18" and pipeline["params.irnet.background"] == "walk"
+    assert pipeline["metrics.evaluate.test.tta.miou"] == pytest.approx(evaluate["test"]["tta"]["miou"])
+    assert pipeline["metrics.pseudo_masks.val.miou"] == pytest.approx(json.loads((root / "metrics/pseudo_masks.json").read_text())["val"]["miou"])
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(runs.iloc[-4]["run_id"], "val_miou")) == 2  # per epoch
+    assert runs.iloc[-3]["metrics.test_tta_miou"] == pytest.approx(oracle["test"]["tta"]["miou"])
+    assert {"figure2.png", "confusion_matrix.png"} <= {a.path for a in client.list_artifacts(runs.iloc[-2]["run_id"])}
+
+    # the trained model segments images of any size from the command line
+    out = root / "predictions"
+    val = load_manifest(root / "data/splits/val.json")
+    assert main(["predict", "--model", str(root / "models/segmenter/model.pt"), str(val.image_path(val.records[0])), "--out", str(out)]) == 0
+    assert read_mask(out / f"{val.records[0].id}.png").shape == (32, 32)
+
+
+def test_oracle_without_training_masks_reports_unavailable(project, mlflow_store):
+    (project / "params.yaml").write_text(yaml.safe_dump(make_document(STEP3)))
+    assert main(["prepare", "--root", str(project)]) == 0 and main(["split", "--root", str(project)]) == 0
+    document = json.loads((project / "data/splits/train.json").read_text())
+    for image in document["images"]:
+        image["mask"] = None  # as LID: no training masks
+    (project / "data/splits/train.json").write_text(json.dumps(document))
+    assert main(["oracle", "--root", str(project)]) == 0
+    oracle = json.loads((project / "metrics/oracle.json").read_text())
+    assert oracle["available"] is False and "have no ground-truth mask" in oracle["reason"]
+    assert not (project / "models/oracle/model.pt").exists()
+
+
+def test_report_needs_every_stage_metrics(project, mlflow_store, capsys):
+    assert main(["report", "--root", str(project)]) == 2
+    assert "metrics/prepare.json" in capsys.readouterr().err
+    assert not (project / "reports/summary.md").exists()
+
+
+def _scores(miou: float) -> dict:
+    return {"miou": miou, "mean_accuracy": miou + 0.1, "pixel_accuracy": 0.9, "iou": {}, "miou_without_person": miou + 0.05}
+
+
+def test_summary_tables_and_the_ratio_to_the_upper_bound():
+    metrics = {
+        "cams": {"cam_crf": _scores(0.40)},
+        "pseudo_masks": {"val": _scores(0.45)},
+        "evaluate": {"val": {"plain": _scores(0.50), "tta": _scores(0.52)}, "test": {"plain": _scores(0.48), "tta": _scores(0.51)}},
+        "oracle": {"available": True, "test": {"tta": _scores(0.60)}},
+    }
+    text = summary_markdown(metrics)
+    assert "| Classification + CRF | 40.00 | 45.00 | 31.06 |" in text
+    assert "| Segmentation + TTA | 52.00 | 57.00 | 39.64 |" in text
+    assert "| this run, TTA | 51.00 | 61.00 | 90.00 |" in text
+    assert "**85.00 %** of the upper bound's test mIoU; 86.15 % without the person class" in text
+    unavailable = summary_markdown({**metrics, "oracle": {"available": False, "reason": "no masks"}})
+    assert "No upper bound: no masks." in unavailable and "of the upper bound" not in unavailable
