@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(subparsers, "evaluate", "step 3: val and test scores with and without TTA, pictures")
     _stage_parser(subparsers, "report", "reports/summary.md and the MLflow pipeline run")
     _stage_parser(subparsers, "check-params", "validate a parameters file and exit")
+    sweep = _stage_parser(subparsers, "sweep", "Optuna search of the sweep group's space; every trial in MLflow")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the study of these inputs (trials a killed run left running are run again)")
+    sweep.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
     from wsss import predict
 
     predict.add_arguments(subparsers.add_parser("predict", help="segment images with a trained model (palette masks + overlays)"))
@@ -65,6 +69,14 @@ def _run(args: argparse.Namespace) -> None:
     params = load_params(params_path)
     if args.command == "check-params":
         print(f"{params_path}: valid")
+        return
+
+    if args.command == "sweep":
+        from wsss.sweep import run_sweep
+
+        best = run_sweep(params, root, resume=args.resume, workers=args.workers, params_path=params_path)
+        print(f"best of {best['trials_complete']} complete trials ({best['trials_pruned']} pruned): "
+              f"{best['values']} -> val mIoU {best['objective']:.4f}\nto use them: {best['apply']}")
         return
 
     from wsss.stages import STAGES

@@ -10,6 +10,8 @@ The same schema validates the CPU default (``params.yaml``) and the paper profil
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -282,6 +284,49 @@ class EvaluateParams(_Group):
         return self
 
 
+# Parameters a sweep may search, and where each lives: ``walk`` keys only re-run the random
+# walk's last step (cheap); ``ir_labels`` keys change the kept images and so IRNet.
+SWEEP_KEYS = {"irnet.threshold": "walk", "irnet.bg_weight": "walk", "irnet.confidence_cutoff": "ir_labels"}
+
+
+class SweepRange(_Group):
+    """A search interval; ``step`` makes it discrete (fewer distinct IRNets for the cutoff)."""
+
+    low: float
+    high: float
+    step: float | None = Field(None, gt=0)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SweepRange:
+        if not self.low < self.high:
+            raise ValueError(f"low: must be below high, got low {self.low} and high {self.high}")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log: needs low > 0 and no step")
+        return self
+
+
+class SweepParams(_Group):
+    """The Optuna sweep (``wsss sweep``, ``pipelines/sweep/dvc.yaml``)."""
+
+    study: str = Field("wsss", min_length=1)  # the study name's prefix (a hash of its inputs follows)
+    experiment: str = Field("wsss-sweep", min_length=1)  # MLflow experiment of the parent and trial runs
+    objective: Literal["pseudo_masks", "final"] = "pseudo_masks"  # val mIoU of the pseudo masks | of the segmenter
+    trials: int = Field(20, ge=1)  # finished trials (complete or pruned) the study ends with
+    timeout_s: float | None = Field(None, gt=0)  # stop starting trials after this long (per call)
+    seed: int = Field(0, ge=0)  # TPE sampler seed
+    storage: str = Field("sqlite", min_length=1)  # sqlite (sweeps/optuna.db) | journal (sweeps/optuna.journal) | an RDB URL
+    pruning: bool = True  # prune the bottom quarter of trials on their running val mIoU
+    space: dict[str, SweepRange] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _known_keys(self) -> SweepParams:
+        unknown = sorted(set(self.space) - set(SWEEP_KEYS))
+        if unknown:
+            raise ValueError(f"space: {unknown} cannot be searched; searchable: {sorted(SWEEP_KEYS)}")
+        return self
+
+
 class TrackingParams(_Group):
     experiment: str = Field("wsss", min_length=1)
 
@@ -298,6 +343,33 @@ class Params(_Group):
     irnet: IrnetParams = IrnetParams()
     segmenter: SegmenterParams
     evaluate: EvaluateParams = EvaluateParams()
+    sweep: SweepParams | None = None
+
+    @model_validator(mode="after")
+    def _sweep_space_fits(self) -> Params:
+        if self.sweep is None:
+            return self
+        bounds = {"irnet.threshold": (0.0, 1.0), "irnet.confidence_cutoff": (0.0, 1.0), "irnet.bg_weight": (0.0, math.inf)}
+        for key, interval in self.sweep.space.items():
+            low, high = bounds[key]
+            if not (low < interval.low and interval.high < high):
+                raise ValueError(f"sweep.space.{key}: the range must lie inside ({low}, {high}), got {interval.low}..{interval.high}")
+        return self
+
+
+def sweep_space_problems(params: Params) -> list[tuple[str, str]]:
+    """Searched keys that have no effect under the current ``irnet.background`` (checked when a
+    sweep starts, not by the schema: changing the background must not stop the main pipeline)."""
+    space = params.sweep.space if params.sweep else {}
+    background = params.irnet.background
+    problems = []
+    if "irnet.threshold" in space and background != "plane":
+        problems.append(("sweep.space.irnet.threshold", "irnet.background is 'walk', where the threshold has no effect; "
+                                                        "search irnet.bg_weight instead"))
+    if "irnet.bg_weight" in space and background != "walk":
+        problems.append(("sweep.space.irnet.bg_weight", "irnet.background is 'plane', where bg_weight has no effect; "
+                                                        "search irnet.threshold instead"))
+    return problems
 
 
 def _format_location(location: tuple[Any, ...]) -> str:
@@ -321,9 +393,10 @@ def validate_params(raw: Any, source: str | Path = "params.yaml") -> Params:
             else:
                 message = item["msg"].removeprefix("Value error, ")
                 field, sep, rest = message.partition(": ")
-                if sep and field.isidentifier():
+                if sep and all(part.isidentifier() for part in field.split(".")):
                     # a model-level check names its field first: make it part of the key
-                    location, message = f"{location}.{field}", rest
+                    location = field if location == "<top level>" else f"{location}.{field}"
+                    message = rest
                 elif "input" in item and not isinstance(item["input"], dict):
                     message += f" (got {item['input']!r})"
             problems.append((location, message))

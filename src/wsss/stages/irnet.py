@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from wsss import augment, checkpoint, tracking, visualize
 from wsss.cam import label_map, load_cams
-from wsss.config import Params, flatten
+from wsss.config import IrnetParams, Params, flatten
 from wsss.crf import CrfTask, crf_labels, crf_many
 from wsss.data.manifest import load_manifest
 from wsss.io import atomic_dir, read_image, read_json, read_mask, write_csv, write_json, write_mask_png
@@ -94,15 +94,35 @@ def _overlay_figure(examples: list[dict]):
     return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", "ground truth"], row_labels=[e["id"] for e in examples])
 
 
-def _pseudo_masks_of_chunk(model, chunk_images: list[np.ndarray], chunk_cams: list, params: Params) -> list[np.ndarray]:
-    """Walk one chunk of images together and turn the walked maps into label maps (before any CRF)."""
-    walk = params.irnet
+def walk_chunk(model, chunk_images: list[np.ndarray], chunk_cams: list, walk: IrnetParams) -> list[torch.Tensor]:
+    """The random walk of one chunk of images together: walked maps on the walk's grid (a walked
+    background first when ``walk.background == "walk"``)."""
     boundaries = [model.boundary_map(augment.to_tensor(_enlarge(img, walk.infer_scale))[None])[0] for img in chunk_images]
     seeds = [walk_seeds(_walk_input(c, b.shape, walk.infer_scale), walk.background) for c, b in zip(chunk_cams, boundaries, strict=True)]
-    walked = propagate_many(seeds, boundaries, walk.infer_radius, walk.beta, walk.exp_times)
+    return propagate_many(seeds, boundaries, walk.infer_radius, walk.beta, walk.exp_times)
+
+
+def masks_from_walk(walked: list[torch.Tensor], chunk_images: list[np.ndarray], chunk_cams: list, walk: IrnetParams) -> list[np.ndarray]:
+    """The walk's last step (background plane or weight, argmax): label maps before any CRF.
+    Only this step reads ``threshold`` and ``bg_weight``, so a sweep over them reuses ``walked``."""
     return [pseudo_mask(result, cam.class_ids, image.shape[:2], walk.threshold, upsample=4 // walk.infer_scale,
                         background=walk.background, bg_weight=walk.bg_weight)
             for image, cam, result in zip(chunk_images, chunk_cams, walked, strict=True)]
+
+
+def _pseudo_masks_of_chunk(model, chunk_images: list[np.ndarray], chunk_cams: list, params: Params) -> list[np.ndarray]:
+    """Walk one chunk of images together and turn the walked maps into label maps (before any CRF)."""
+    return masks_from_walk(walk_chunk(model, chunk_images, chunk_cams, params.irnet), chunk_images, chunk_cams, params.irnet)
+
+
+def load_irnet(params: Params, root: Path, path: Path):
+    """A trained IRNet from its model file, in eval mode (its backbone kind is in the file)."""
+    state = checkpoint.load(path)
+    model = build_irnet(params.model_copy(update={"irnet": params.irnet.model_copy(update={"backbone": state["backbone"], "backbone_weights": "none"})}),
+                        root / CLASSIFIER_PATH)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model
 
 
 def run_pseudo_masks(params: Params, root: Path) -> dict:
@@ -110,11 +130,7 @@ def run_pseudo_masks(params: Params, root: Path) -> dict:
 
     manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("train", "val")}
     hashes = tracking.input_hashes({"irnet": root / IRNET_PATH, "cams": root / CAMS_DIR, "splits": root / SPLITS_DIR})
-    state = checkpoint.load(root / IRNET_PATH)
-    model = build_irnet(params.model_copy(update={"irnet": params.irnet.model_copy(update={"backbone": state["backbone"], "backbone_weights": "none"})}),
-                        root / CLASSIFIER_PATH)
-    model.load_state_dict(state["model"])
-    model.eval()
+    model = load_irnet(params, root, root / IRNET_PATH)
     torch.set_num_threads(os.cpu_count() or 1)
     walk = params.irnet
     names = manifests["val"].class_names
