@@ -191,9 +191,11 @@ class TrialEvaluator:
         self.irnet_trainings = 0  # IRNets trained (not loaded from the cache) by this evaluator
         self._walked: dict[str, list[torch.Tensor]] = {}
         self._val: list[_ValImage] | None = None
-        fixed_labels = {"conf_fg": params.irnet.conf_fg, "conf_bg": params.irnet.conf_bg, "crf": params.crf.model_dump(),
+        crf = {k: v for k, v in params.crf.model_dump().items() if k != "workers"}
+        fixed_labels = {"conf_fg": params.irnet.conf_fg, "conf_bg": params.irnet.conf_bg, "crf": crf,
                         "cams": tracking.input_hashes({"cams": self.root / CAMS_DIR})}
-        self.labels_dir = self.cache / f"ir_labels-{checkpoint.fingerprint(fixed_labels)[:12]}"
+        self.labels_key = checkpoint.fingerprint(fixed_labels)[:12]
+        self.labels_dir = self.cache / f"ir_labels-{self.labels_key}"
 
     # -- inputs shared by all trials
     def val_images(self) -> list[_ValImage]:
@@ -230,7 +232,8 @@ class TrialEvaluator:
         """IRNet for the images that ``params.irnet.confidence_cutoff`` keeps: from the cache, or trained."""
         kept = sorted(confident_ids(self.index, params.irnet.confidence_cutoff))
         config = {key: getattr(params.irnet, key) for key in TRAIN_KEYS}
-        key = checkpoint.fingerprint(kept, config, params.seed, tracking.input_hashes({"classifier": self.root / CLASSIFIER_PATH}))[:16]
+        classifier = tracking.input_hashes({"classifier": self.root / CLASSIFIER_PATH})
+        key = checkpoint.fingerprint(kept, self.labels_key, config, params.seed, classifier)[:16]
         model_path = self.cache / "irnet" / key / "model.pt"
         if not model_path.is_file():
             labels_dir = self.ir_labels(kept)
@@ -356,7 +359,7 @@ def _prepare_study(params: Params, root: Path, resume: bool):
         if current:  # the first trial scores params.yaml as it is: the baseline the others must beat
             study.enqueue_trial(current, user_attrs={"baseline": True})
     for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, state=states.FAIL)
+        study.tell(trial.number, state=states.FAIL)
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         if CHILD_ATTR in trial.user_attrs:
             client.set_terminated(trial.user_attrs[CHILD_ATTR], status="KILLED")
