@@ -13,16 +13,13 @@ final test mIoU (TTA) >= 85 % of the upper bound's. The whole ``dvc repro`` time
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
+from _scratch import REPO, scratch_project
 from wsss.config import load_params
 from wsss.io import read_json
 from wsss.stages import STAGES
 
-REPO = Path(__file__).resolve().parents[1]
 REUSED = ("data/prepared", "data/splits", "cams", "pseudo_masks", "metrics/prepare.json", "metrics/data.json",
           "metrics/classifier.json", "metrics/cams.json", "metrics/ir_labels.json", "metrics/irnet.json",
           "metrics/pseudo_masks.json")
@@ -30,14 +27,7 @@ REUSED = ("data/prepared", "data/splits", "cams", "pseudo_masks", "metrics/prepa
 
 def main() -> None:
     params = load_params(REPO / "params.yaml")
-    with tempfile.TemporaryDirectory() as scratch:
-        root = Path(scratch)
-        for name in REUSED:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(REPO / name, root / name)
-        shutil.copy(REPO / "params.yaml", root / "params.yaml")
-        (root / "dvc.yaml").write_text("stages: {}\n")
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    with scratch_project(REUSED) as root:
         timings = {}
         for stage in ("train-segmenter", "oracle", "evaluate", "report"):
             start = time.perf_counter()

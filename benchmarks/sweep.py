@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import mlflow
 import optuna
 
+from _scratch import REPO, scratch_project
 from wsss.config import load_params
 from wsss.sweep import open_storage, run_sweep, storage_url, study_name
 
-REPO = Path(__file__).resolve().parents[1]
 REUSED = ("data/prepared", "data/splits", "cams", "models/classifier")
 
 
@@ -37,14 +34,7 @@ def main() -> None:
     params = load_params(REPO / "params.yaml")
     if args.trials is not None:
         params = params.model_copy(update={"sweep": params.sweep.model_copy(update={"trials": args.trials})})
-    with tempfile.TemporaryDirectory() as scratch:
-        root = Path(scratch)
-        for name in REUSED:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(REPO / name, root / name)
-        shutil.copy(REPO / "params.yaml", root / "params.yaml")
-        (root / "dvc.yaml").write_text("stages: {}\n")
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    with scratch_project(REUSED) as root:
         start = time.perf_counter()
         best = run_sweep(params, root)
         wall = time.perf_counter() - start

@@ -21,13 +21,7 @@ from wsss.tta import predict_labels, tta_logits
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads are many times slower for these tiny nets."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_segmenter(output_stride: int = 16, seed: int = 0) -> nn.Module:
