@@ -204,3 +204,26 @@ def test_the_final_objective_trains_a_segmenter_per_trial_and_reports_each_epoch
         assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
         masks = list((root / "sweeps/cache/trials").glob(f"*-{trial.number}/pseudo_masks/*.png"))
         assert len(masks) == len(load_manifest(root / "data/splits/train.json").records)
+
+
+def test_an_interrupted_trial_runs_again_on_resume(sweep_project, monkeypatch):
+    root = sweep_project
+    original = TrialEvaluator.pseudo_mask_miou
+    calls = []
+
+    def interrupt_the_second(self, params, report=None):
+        calls.append(params.irnet.threshold)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, params, report)
+
+    monkeypatch.setattr(TrialEvaluator, "pseudo_mask_miou", interrupt_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(load_params(root / "params.yaml"), root)
+    assert main(["sweep", "--root", str(root), "--resume"]) == 0
+    study = _study(root)
+    interrupted = study.trials[1]
+    assert interrupted.state == TrialState.FAIL
+    retries = [t for t in study.trials if t.user_attrs.get("retry_of") == 1]
+    assert len(retries) == 1 and retries[0].params == interrupted.params
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 4

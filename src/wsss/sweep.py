@@ -138,8 +138,9 @@ def fixed_inputs(params: Params, root: Path) -> dict[str, Any]:
     return fixed
 
 
-def study_name(params: Params, root: Path) -> str:
-    return f"{params.sweep.study}-{checkpoint.fingerprint(fixed_inputs(params, root))[:10]}"
+def study_name(params: Params, root: Path, fixed: dict[str, Any] | None = None) -> str:
+    """``<sweep.study>-<hash of the fixed inputs>`` (``fixed``: :func:`fixed_inputs`, if already computed)."""
+    return f"{params.sweep.study}-{checkpoint.fingerprint(fixed or fixed_inputs(params, root))[:10]}"
 
 
 def _states():
@@ -335,7 +336,8 @@ def _prepare_study(params: Params, root: Path, resume: bool):
     trials a killed worker left running are failed and queued again with the same values."""
     import optuna
 
-    name, url = study_name(params, root), storage_url(params.sweep.storage, root)
+    fixed = fixed_inputs(params, root)  # hashes the CAMs: once
+    name, url = study_name(params, root, fixed), storage_url(params.sweep.storage, root)
     storage = open_storage(url)
     client, experiment_id = _client(params, root)
     if not resume:
@@ -344,12 +346,12 @@ def _prepare_study(params: Params, root: Path, resume: bool):
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     parent_id = study.user_attrs.get(PARENT_ATTR)
     if parent_id is None:
-        tags = {**tracking.lineage_tags("sweep", fixed_inputs(params, root)["inputs"], root), "wsss.study": name,
+        tags = {**tracking.lineage_tags("sweep", fixed["inputs"], root), "wsss.study": name,
                 "wsss.storage": url.split("://")[0] if "://" in url else "journal"}
         parent = client.create_run(experiment_id, run_name=name, tags=tags)
         parent_id = parent.info.run_id
         study.set_user_attr(PARENT_ATTR, parent_id)
-        for key, value in {**flatten(params.sweep.model_dump(), "sweep."), **flatten(fixed_inputs(params, root)["irnet"], "irnet.")}.items():
+        for key, value in {**flatten(params.sweep.model_dump(), "sweep."), **flatten(fixed["irnet"], "irnet.")}.items():
             client.log_param(parent_id, key, str(value)[:500])
     else:
         client.update_run(parent_id, status="RUNNING")
@@ -417,6 +419,11 @@ def run_worker(params: Params, root: Path, name: str, url: str, parent_id: str, 
             study.tell(trial, state=states.PRUNED)
             client.set_tag(child.info.run_id, "wsss.pruned_reason", str(error)[:5000])
             state, value = "PRUNED", None
+        except (KeyboardInterrupt, SystemExit):  # interrupted, not wrong: the same values run again on the next call
+            study.tell(trial, state=states.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            client.set_terminated(child.info.run_id, status="KILLED")
+            raise
         except BaseException:
             study.tell(trial, state=states.FAIL)
             client.set_tag(child.info.run_id, "wsss.trial_state", "FAIL")
