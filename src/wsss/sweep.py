@@ -49,7 +49,7 @@ from wsss.config import Params, flatten, sweep_space_problems
 from wsss.crf import CrfTask, crf_many
 from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError, DataError, WsssError
-from wsss.io import IGNORE_INDEX, read_image, read_json, read_mask, write_json, write_mask_png
+from wsss.io import read_image, read_json, read_mask, write_json, write_mask_png
 from wsss.ir_labels import IrInput, ir_labels_many
 from wsss.irnet import IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
@@ -172,11 +172,13 @@ def _ask_lock(root: Path) -> Iterator[None]:
 
 
 @dataclass
-class _ValImage:
+class _Item:
+    """An image with its CAMs (and, for val, its ground-truth mask) held in memory."""
+
     id: str
     image: np.ndarray
     cams: Any
-    truth: np.ndarray
+    truth: np.ndarray | None = None
 
 
 class TrialEvaluator:
@@ -191,7 +193,7 @@ class TrialEvaluator:
         self.cache = self.root / CACHE_DIR
         self.irnet_trainings = 0  # IRNets trained (not loaded from the cache) by this evaluator
         self._walked: dict[str, list[torch.Tensor]] = {}
-        self._val: list[_ValImage] | None = None
+        self._val: list[_Item] | None = None
         crf = {k: v for k, v in params.crf.model_dump().items() if k != "workers"}
         fixed_labels = {"conf_fg": params.irnet.conf_fg, "conf_bg": params.irnet.conf_bg, "crf": crf,
                         "cams": tracking.input_hashes({"cams": self.root / CAMS_DIR})}
@@ -199,7 +201,7 @@ class TrialEvaluator:
         self.labels_dir = self.cache / f"ir_labels-{self.labels_key}"
 
     # -- inputs shared by all trials
-    def val_images(self) -> list[_ValImage]:
+    def val_images(self) -> list[_Item]:
         if self._val is None:
             manifest = self.val_manifest
             self._val = []
@@ -208,7 +210,7 @@ class TrialEvaluator:
                     continue
                 image = read_image(manifest.image_path(record))
                 cams = load_cams(self.root / CAMS_DIR / "val" / f"{record.id}.npz", expected_size=image.shape[:2])
-                self._val.append(_ValImage(record.id, image, cams, read_mask(manifest.mask_path(record))))
+                self._val.append(_Item(record.id, image, cams, read_mask(manifest.mask_path(record))))
             if not self._val:
                 raise WsssError(f"{self.root / SPLITS_DIR / 'val.json'}: no val image has a mask to score a trial on")
         return self._val
@@ -302,7 +304,7 @@ class TrialEvaluator:
                 for record in chunk:
                     image = read_image(self.train.image_path(record))
                     cams = load_cams(self.root / CAMS_DIR / "train" / f"{record.id}.npz", expected_size=image.shape[:2])
-                    items.append(_ValImage(record.id, image, cams, np.full(image.shape[:2], IGNORE_INDEX, np.uint8)))
+                    items.append(_Item(record.id, image, cams))
                 walked = walk_chunk(model, [v.image for v in items], [v.cams for v in items], params.irnet)
                 for item, mask in zip(items, self._masks(walked, items, params), strict=True):
                     write_mask_png(masks_dir / f"{item.id}.png", mask)
