@@ -22,6 +22,13 @@ def _stage_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentPar
     return parser
 
 
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered not in {"true", "false", "yes", "no"}:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return lowered in {"true", "yes"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true",
                        help="continue the study of these inputs (trials a killed run left running are run again)")
     sweep.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    _stage_parser(subparsers, "person-classifier", "ablation: binary person classifier on the noisy person labels, its CAMs")
+    masks = _stage_parser(subparsers, "ablation-masks", "ablation: pseudo masks with IRNet's background knob set to a threshold")
+    masks.add_argument("--threshold", type=float, required=True)
+    masks.add_argument("--out", type=Path, required=True, help="masks folder (relative to the root)")
+    masks.add_argument("--metrics", type=Path, required=True, help="metrics JSON (relative to the root)")
+    person = _stage_parser(subparsers, "person-masks", "ablation: merge the person CAMs into a folder of pseudo masks")
+    person.add_argument("--masks", type=Path, required=True, help="pseudo masks without the person (relative to the root)")
+    person.add_argument("--out", type=Path, required=True)
+    person.add_argument("--metrics", type=Path, required=True)
+    cell = _stage_parser(subparsers, "ablation-cell", "ablation: one segmenter of the grid, scored on val with and without TTA")
+    cell.add_argument("--encoder", required=True)
+    cell.add_argument("--threshold", type=float, required=True)
+    cell.add_argument("--person", type=_boolean, required=True, help="true | false")
+    cell.add_argument("--masks", type=Path, required=True)
+    cell.add_argument("--model", type=Path, required=True)
+    cell.add_argument("--metrics", type=Path, required=True)
+    _stage_parser(subparsers, "ablation-report", "ablation: reports/ablation.md from the grid's MLflow runs")
     from wsss import predict
 
     predict.add_arguments(subparsers.add_parser("predict", help="segment images with a trained model (palette masks + overlays)"))
@@ -79,8 +103,11 @@ def _run(args: argparse.Namespace) -> None:
               f"{best['values']} -> val mIoU {best['objective']:.4f}\nto use them: {best['apply']}")
         return
 
-    from wsss.stages import STAGES
+    from wsss.stages import ABLATION_STAGES, STAGES
 
+    if args.command in ABLATION_STAGES:
+        ABLATION_STAGES[args.command](params, root, args)
+        return
     STAGES[args.command](params, root)
 
 

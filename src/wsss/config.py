@@ -11,7 +11,6 @@ The same schema validates the CPU default (``params.yaml``) and the paper profil
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from typing import Any, Literal
 
@@ -327,6 +326,40 @@ class SweepParams(_Group):
         return self
 
 
+class PersonParams(_Group):
+    """The binary person classifier of the ablation (``person_classifier`` stage) and the merge of
+    its person CAMs into pseudo masks (``person_masks`` stages). It trains like the step-1
+    classifier (the ``classifier`` group) on the noisy person labels, with its own epochs."""
+
+    epochs: int = Field(10, ge=1)
+    presence_threshold: float = Field(0.5, gt=0, lt=1)  # P(person) from which an image counts as showing one
+    cam_threshold: float = Field(0.3, gt=0, lt=1)  # person CAM (max-normalised) from which a background pixel becomes person
+    post_crf: bool = True  # dense CRF (crf group) on the merged masks
+
+
+class AblationParams(_Group):
+    """The paper's Table 3 grid (``pipelines/ablation/dvc.yaml``): one segmenter (the ``segmenter``
+    group, encoder replaced) per encoder x threshold x person, each scored on val with and without TTA.
+
+    ``thresholds`` are values of IRNet's background knob: ``irnet.threshold`` (the paper's "IRNet
+    thr.") under ``irnet.background: plane``, ``irnet.bg_weight`` under ``walk``."""
+
+    experiment: str = Field("ablation", min_length=1)  # MLflow experiment of the grid's cells
+    encoders: list[str] = Field(min_length=1)
+    thresholds: list[float] = Field(min_length=1)
+    person: list[bool] = Field([False, True], min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AblationParams:
+        for name in ("encoders", "thresholds", "person"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name}: values repeat: {values}")
+        if any(value <= 0 for value in self.thresholds):
+            raise ValueError(f"thresholds: every value must be positive, got {self.thresholds}")
+        return self
+
+
 class TrackingParams(_Group):
     experiment: str = Field("wsss", min_length=1)
 
@@ -344,6 +377,8 @@ class Params(_Group):
     segmenter: SegmenterParams
     evaluate: EvaluateParams = EvaluateParams()
     sweep: SweepParams | None = None
+    person: PersonParams = PersonParams()
+    ablation: AblationParams | None = None
 
     @model_validator(mode="after")
     def _sweep_space_fits(self) -> Params:
@@ -364,11 +399,11 @@ def sweep_space_problems(params: Params) -> list[tuple[str, str]]:
     background = params.irnet.background
     problems = []
     if "irnet.threshold" in space and background != "plane":
-        problems.append(("sweep.space.irnet.threshold", "irnet.background is 'walk', where the threshold has no effect; "
-                                                        "search irnet.bg_weight instead"))
+        problems.append(("sweep.space.irnet.threshold", ("irnet.background is 'walk', where the threshold has no effect; "
+                                                         "search irnet.bg_weight instead")))
     if "irnet.bg_weight" in space and background != "walk":
-        problems.append(("sweep.space.irnet.bg_weight", "irnet.background is 'plane', where bg_weight has no effect; "
-                                                        "search irnet.threshold instead"))
+        problems.append(("sweep.space.irnet.bg_weight", ("irnet.background is 'plane', where bg_weight has no effect; "
+                                                         "search irnet.threshold instead")))
     return problems
 
 

@@ -57,7 +57,7 @@ from wsss.stages.cams import CAMS_DIR, INDEX
 from wsss.stages.classifier import MODEL_PATH as CLASSIFIER_PATH
 from wsss.stages.data import SPLITS_DIR
 from wsss.stages.ir_labels import confident_ids
-from wsss.stages.irnet import TRAIN_KEYS, load_irnet, masks_from_walk, walk_chunk
+from wsss.stages.irnet import TRAIN_KEYS, load_irnet, masks_from_walk, pseudo_masks, walk_chunk
 
 SWEEPS_DIR = Path("sweeps")
 CACHE_DIR = SWEEPS_DIR / "cache"
@@ -297,17 +297,8 @@ class TrialEvaluator:
         masks_dir = trial_dir / "pseudo_masks"
         masks_dir.mkdir(parents=True, exist_ok=True)
         records = self.train.records
-        with torch.no_grad():
-            for start in range(0, len(records), WALK_BATCH):
-                chunk = records[start : start + WALK_BATCH]
-                items = []
-                for record in chunk:
-                    image = read_image(self.train.image_path(record))
-                    cams = load_cams(self.root / CAMS_DIR / "train" / f"{record.id}.npz", expected_size=image.shape[:2])
-                    items.append(_Item(record.id, image, cams))
-                walked = walk_chunk(model, [v.image for v in items], [v.cams for v in items], params.irnet)
-                for item, mask in zip(items, self._masks(walked, items, params), strict=True):
-                    write_mask_png(masks_dir / f"{item.id}.png", mask)
+        for item in pseudo_masks(model, self.train, self.root / CAMS_DIR / "train", params, desc="sweep pseudo masks"):
+            write_mask_png(masks_dir / f"{item.record.id}.png", item.mask)
         config = params.segmenter
         spec = SegmenterSpec(config.encoder, self.train.num_classes, config.output_stride, config.decoder_channels,
                              tuple(self.train.class_names))

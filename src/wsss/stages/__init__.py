@@ -29,3 +29,24 @@ STAGES: dict[str, Callable[[Any, Path], Any]] = {
     "evaluate": _lazy("segmenter", "run_evaluate"),
     "report": _lazy("segmenter", "run_report"),
 }
+
+
+def _ablation(function: str, *names: str) -> Callable[[Any, Path, Any], Any]:
+    """An ablation stage called with the command line's extra arguments (``--threshold`` ...)."""
+    module, _, name = function.rpartition(".")
+
+    def run(params, root: Path, args):
+        import importlib
+
+        return getattr(importlib.import_module(f"wsss.stages.{module}"), name)(params, root, *(getattr(args, n) for n in names))
+
+    return run
+
+
+ABLATION_STAGES: dict[str, Callable[[Any, Path, Any], Any]] = {
+    "person-classifier": _ablation("person.run_person_classifier"),
+    "ablation-masks": _ablation("ablation.run_ablation_masks", "threshold", "out", "metrics"),
+    "person-masks": _ablation("person.run_person_masks", "masks", "out", "metrics"),
+    "ablation-cell": _ablation("ablation.run_ablation_cell", "encoder", "threshold", "person", "masks", "model", "metrics"),
+    "ablation-report": _ablation("ablation_report.run_ablation_report"),
+}

@@ -11,6 +11,8 @@ MLflow gets an overlay figure (image | CAM + CRF | pseudo mask | ground truth).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,10 @@ import torch
 from tqdm import tqdm
 
 from wsss import augment, checkpoint, tracking, visualize
-from wsss.cam import label_map, load_cams
+from wsss.cam import ImageCams, label_map, load_cams
 from wsss.config import IrnetParams, Params, flatten
 from wsss.crf import CrfTask, crf_labels, crf_many
-from wsss.data.manifest import load_manifest
+from wsss.data.manifest import ImageRecord, Manifest, load_manifest
 from wsss.io import atomic_dir, read_image, read_json, read_mask, write_csv, write_json, write_mask_png
 from wsss.irnet import LAST, IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
@@ -110,9 +112,33 @@ def masks_from_walk(walked: list[torch.Tensor], chunk_images: list[np.ndarray], 
             for image, cam, result in zip(chunk_images, chunk_cams, walked, strict=True)]
 
 
-def _pseudo_masks_of_chunk(model, chunk_images: list[np.ndarray], chunk_cams: list, params: Params) -> list[np.ndarray]:
-    """Walk one chunk of images together and turn the walked maps into label maps (before any CRF)."""
-    return masks_from_walk(walk_chunk(model, chunk_images, chunk_cams, params.irnet), chunk_images, chunk_cams, params.irnet)
+@dataclass(frozen=True)
+class PseudoMask:
+    """One image's pseudo mask, with what it was made from."""
+
+    record: ImageRecord
+    image: np.ndarray
+    cams: ImageCams
+    walked: np.ndarray  # label map of the walk, before any CRF
+    mask: np.ndarray  # the pseudo mask (after the CRF with ``irnet.post_crf``)
+
+
+def pseudo_masks(model, manifest: Manifest, cams_dir: Path, params: Params, desc: str = "pseudo masks") -> Iterator[PseudoMask]:
+    """The pseudo mask of every image of ``manifest`` (CAMs from ``cams_dir/<id>.npz``), walked
+    ``WALK_BATCH`` images at a time, in manifest order."""
+    walk = params.irnet
+    records = manifest.records
+    for start in tqdm(range(0, len(records), WALK_BATCH), desc=desc, unit="batch"):
+        chunk = records[start : start + WALK_BATCH]
+        images = [read_image(manifest.image_path(r)) for r in chunk]
+        cams = [load_cams(cams_dir / f"{r.id}.npz", expected_size=img.shape[:2]) for r, img in zip(chunk, images, strict=True)]
+        with torch.no_grad():
+            walked = masks_from_walk(walk_chunk(model, images, cams, walk), images, cams, walk)
+        masks = walked
+        if walk.post_crf:
+            tasks = [CrfTask(r.id, img, m) for r, img, m in zip(chunk, images, walked, strict=True)]
+            masks = [refined for _, refined in crf_many(tasks, params.crf)]
+        yield from (PseudoMask(*fields) for fields in zip(chunk, images, cams, walked, masks, strict=True))
 
 
 def load_irnet(params: Params, root: Path, path: Path):
@@ -125,6 +151,42 @@ def load_irnet(params: Params, root: Path, path: Path):
     return model
 
 
+def write_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, out_dir: Path,
+                       params: Params) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Write ``out_dir/<split>/<id>.png`` for each manifest; return the val confusion matrices
+    after and before the CRF, and the first ``cams.num_overlays`` val examples for a figure."""
+    num_classes = next(iter(manifests.values())).num_classes
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    walk_matrix = np.zeros_like(matrix)
+    examples: list[dict] = []
+    for split, manifest in manifests.items():
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        for item in pseudo_masks(model, manifest, cams_root / split, params, desc=f"pseudo masks {split}"):
+            write_mask_png(out_dir / split / f"{item.record.id}.png", item.mask)
+            if split != "val" or item.record.mask is None:
+                continue
+            truth = read_mask(manifest.mask_path(item.record))
+            matrix += confusion_matrix(truth, item.mask, num_classes)
+            walk_matrix += confusion_matrix(truth, item.walked, num_classes)
+            if len(examples) < params.cams.num_overlays:
+                cam_crf = crf_labels(item.image, label_map(item.cams.full, item.cams.class_ids, params.cams.eval_threshold), params.crf)
+                examples.append({"id": item.record.id, "image": item.image, "cam_crf": cam_crf, "pseudo": item.mask, "truth": truth})
+    return matrix, walk_matrix, examples
+
+
+def pseudo_mask_metrics(matrix: np.ndarray, walk_matrix: np.ndarray, val: Manifest, walk: IrnetParams) -> dict:
+    """``metrics/pseudo_masks.json``'s scores: val mIoU and per-class IoU (without the person class
+    too), how the masks were made, and with ``walk.post_crf`` the mIoU before the CRF."""
+    scores = segmentation_scores(matrix)
+    metrics = {"val": scores.as_dict(val.class_names), "background": walk.background, "threshold": walk.threshold,
+               "bg_weight": walk.bg_weight, "post_crf": walk.post_crf}
+    if val.person_class is not None:
+        metrics["val"]["miou_without_person"] = scores.miou_without(val.person_class)
+    if walk.post_crf:
+        metrics["val_before_crf_miou"] = segmentation_scores(walk_matrix).miou
+    return metrics
+
+
 def run_pseudo_masks(params: Params, root: Path) -> dict:
     import mlflow
 
@@ -133,47 +195,16 @@ def run_pseudo_masks(params: Params, root: Path) -> dict:
     model = load_irnet(params, root, root / IRNET_PATH)
     torch.set_num_threads(os.cpu_count() or 1)
     walk = params.irnet
-    names = manifests["val"].class_names
-    num_classes = len(names)
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    walk_matrix = np.zeros_like(matrix)  # before the CRF
-    examples: list[dict] = []
     logged = {f"irnet.{k}": getattr(walk, k) for k in WALK_KEYS}
     if walk.post_crf:
         logged.update(flatten(params.crf.model_dump(), "crf."))
 
     with tracking.stage_run("pseudo_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
         with atomic_dir(root / PSEUDO_DIR) as staging:
-            for split, manifest in manifests.items():
-                (staging / split).mkdir()
-                records = manifest.records
-                for start in tqdm(range(0, len(records), WALK_BATCH), desc=f"pseudo masks {split}", unit="batch"):
-                    chunk = records[start : start + WALK_BATCH]
-                    images = [read_image(manifest.image_path(r)) for r in chunk]
-                    cams = [load_cams(root / CAMS_DIR / split / f"{r.id}.npz", expected_size=img.shape[:2]) for r, img in zip(chunk, images, strict=True)]
-                    walked_masks = _pseudo_masks_of_chunk(model, images, cams, params)
-                    masks = walked_masks
-                    if walk.post_crf:
-                        tasks = [CrfTask(r.id, img, m) for r, img, m in zip(chunk, images, walked_masks, strict=True)]
-                        masks = [refined for _, refined in crf_many(tasks, params.crf)]
-                    for record, image, cam, walked_mask, mask in zip(chunk, images, cams, walked_masks, masks, strict=True):
-                        write_mask_png(staging / split / f"{record.id}.png", mask)
-                        if split == "val" and record.mask is not None:
-                            truth = read_mask(manifest.mask_path(record))
-                            matrix += confusion_matrix(truth, mask, num_classes)
-                            walk_matrix += confusion_matrix(truth, walked_mask, num_classes)
-                            if len(examples) < params.cams.num_overlays:
-                                cam_crf = crf_labels(image, label_map(cam.full, cam.class_ids, params.cams.eval_threshold), params.crf)
-                                examples.append({"id": record.id, "image": image, "cam_crf": cam_crf, "pseudo": mask, "truth": truth})
+            matrix, walk_matrix, examples = write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
 
+        metrics = pseudo_mask_metrics(matrix, walk_matrix, manifests["val"], walk)
         scores = segmentation_scores(matrix)
-        metrics = {"val": scores.as_dict(names), "background": walk.background, "threshold": walk.threshold,
-                   "bg_weight": walk.bg_weight, "post_crf": walk.post_crf}
-        person = manifests["val"].person_class
-        if person is not None:
-            metrics["val"]["miou_without_person"] = scores.miou_without(person)
-        if walk.post_crf:
-            metrics["val_before_crf_miou"] = segmentation_scores(walk_matrix).miou
         if (root / CAMS_METRICS).is_file():
             metrics["gain_over_cam_crf"] = scores.miou - read_json(root / CAMS_METRICS)["cam_crf"]["miou"]
         write_json(root / PSEUDO_METRICS, metrics)

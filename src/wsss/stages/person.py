@@ -1,0 +1,152 @@
+"""The person stages of the ablation (``pipelines/ablation/dvc.yaml``; the paper's Table 3, column "Person").
+
+- ``person_classifier``: a binary person classifier trained like the step-1 classifier on the
+  training images' noisy person labels (before ``split`` dropped them); its person CAM of every
+  train and val image (``cams_person/``); its F1 on val (``metrics/person_classifier.json``).
+- ``person_masks`` (one per threshold of the grid): a folder of pseudo masks with the person CAMs
+  merged in (:func:`wsss.person.merge_person`), then the dense CRF (``person.post_crf``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsss import checkpoint, tracking
+from wsss.cam import load_cams
+from wsss.cam_inference import compute_cams
+from wsss.classifier import BEST, LAST, train_classifier
+from wsss.config import Params, flatten
+from wsss.crf import CrfTask, crf_many
+from wsss.data.manifest import Manifest, load_manifest
+from wsss.errors import DataError
+from wsss.io import atomic_dir, read_image, read_json, read_mask, write_json, write_mask_png
+from wsss.metrics import confusion_matrix, segmentation_scores
+from wsss.models.classifier import classifier_state, load_trained_classifier
+from wsss.person import merge_person, person_view, shows_person
+from wsss.stages.cams import INDEX
+from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
+
+PERSON_MODEL = Path("models/person_classifier/model.pt")
+PERSON_CHECKPOINTS = Path("checkpoints/person_classifier")
+PERSON_CAMS = Path("cams_person")
+PERSON_METRICS = Path("metrics/person_classifier.json")
+_NOT_IN_FINGERPRINT = {"workers", "threads"}
+
+
+def load_splits(root: Path, names=("train", "val")) -> dict[str, Manifest]:
+    return {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in names}
+
+
+def binary_scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
+    """Precision, recall and F1 of boolean predictions (0, not NaN, when a count is empty)."""
+    true_positives = int((predicted & truth).sum())
+    precision = true_positives / int(predicted.sum()) if predicted.any() else 0.0
+    recall = true_positives / int(truth.sum()) if truth.any() else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall, "images": int(truth.size), "positives": int(truth.sum())}
+
+
+def run_person_classifier(params: Params, root: Path) -> dict:
+    import mlflow
+
+    manifests = load_splits(root)
+    train, val = manifests["train"], manifests["val"]
+    person = train.person_class
+    views = {"train": person_view(train, noisy=True), "val": person_view(val, noisy=False)}
+    config = params.classifier.model_copy(update={"epochs": params.person.epochs})
+    # the step-1 training loop, on the binary view: its one class is the person
+    binary_params = params.model_copy(update={"classifier": config, "data": params.data.model_copy(update={"drop_person_labels": False})})
+    hashes = tracking.input_hashes({"splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
+    run_fingerprint = checkpoint.fingerprint(config.model_dump(exclude=_NOT_IN_FINGERPRINT), params.seed, "person", hashes)
+    previous = checkpoint.load_if_compatible(root / PERSON_CHECKPOINTS / LAST, run_fingerprint)
+    logged = {"seed": params.seed, **flatten(config.model_dump(), "classifier."), **flatten(params.person.model_dump(), "person.")}
+
+    with tracking.stage_run("person_classifier", params.tracking.experiment, logged, root=root, hashes=hashes,
+                            resume_run_id=previous.get("mlflow_run_id") if previous else None) as run:
+        result = train_classifier(binary_params, views["train"], views["val"], root / PERSON_CHECKPOINTS, run_fingerprint,
+                                  lambda r: mlflow.log_metrics({"loss": r.loss, "val_f1_at_0.5": r.macro_f1}, step=r.epoch),
+                                  extra_state={"mlflow_run_id": run.info.run_id})
+        best = checkpoint.load(root / PERSON_CHECKPOINTS / BEST)
+        checkpoint.save(root / PERSON_MODEL, classifier_state(best["model"], config.arch, config.extra_convs, [person],
+                                                              train.class_names, config.image_size))
+        model, _ = load_trained_classifier(root / PERSON_MODEL)
+        torch.set_num_threads(os.cpu_count() or 1)
+        probability: dict[str, dict[str, float]] = {}
+        with atomic_dir(root / PERSON_CAMS) as staging:
+            for split, manifest in manifests.items():
+                everyone = manifest.derive([replace(r, labels=(person,)) for r in manifest.records])  # a map for every image
+                summaries = compute_cams(model, [person], everyone, staging / split, params.cams, desc=f"person cams {split}")
+                probability[split] = {s.id: s.confidence for s in summaries}
+            write_json(staging / INDEX, {"class_id": person, "probability": probability})
+
+        threshold = params.person.presence_threshold
+        val_truth = np.array([person in r.labels for r in val.records])
+        val_scores = binary_scores(np.array([probability["val"][r.id] >= threshold for r in val.records]), val_truth)
+        metrics = {"presence_threshold": threshold, "best_epoch": result.best_epoch, "val": val_scores}
+        shown = [r for r in train.records if r.mask_labels is not None and person in r.mask_labels]
+        if shown:  # embedded and VOC data know which training images really show a person
+            unlabelled = [r for r in shown if person not in r.source_labels]
+            metrics["train"] = {
+                "images_showing_person": len(shown),
+                "labelled_share": 1 - len(unlabelled) / len(shown),
+                "found_unlabelled_share": (sum(probability["train"][r.id] >= threshold for r in unlabelled) / len(unlabelled)
+                                           if unlabelled else None),
+            }
+        write_json(root / PERSON_METRICS, metrics)
+        mlflow.log_metrics({f"val_{k}": v for k, v in val_scores.items()} | {"best_epoch": result.best_epoch})
+        mlflow.log_artifact(str(root / PERSON_METRICS))
+    return metrics
+
+
+def run_person_masks(params: Params, root: Path, masks_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
+    """``masks_dir``'s pseudo masks with the person merged in where the image shows one."""
+    import mlflow
+
+    manifests = load_splits(root)
+    person = manifests["train"].person_class
+    index = read_json(root / PERSON_CAMS / INDEX)
+    config = params.person
+    num_classes = manifests["val"].num_classes
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    hashes = tracking.input_hashes({"masks": root / masks_dir, "person_cams": root / PERSON_CAMS})
+    logged = {**flatten(config.model_dump(), "person."), **(flatten(params.crf.model_dump(), "crf.") if config.post_crf else {})}
+    with_person: dict[str, int] = {}
+    with tracking.stage_run("person_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
+        with atomic_dir(root / out_dir) as staging:
+            for split, manifest in manifests.items():
+                (staging / split).mkdir()
+                merged, changed = {}, []
+                for record in manifest.records:
+                    mask_path = root / masks_dir / split / f"{record.id}.png"
+                    mask = read_mask(mask_path)
+                    try:
+                        probability = float(index["probability"][split][record.id])
+                    except KeyError:
+                        raise DataError(root / PERSON_CAMS / INDEX, f"no person probability for {split} image {record.id}") from None
+                    # val: its labels are complete (from the masks) and, as for every other class of the
+                    # val pseudo masks, they decide; train: the noisy labels or the classifier
+                    present = (person in record.labels if split != "train"
+                               else shows_person(probability, record.source_labels, person, config.presence_threshold))
+                    if present:
+                        person_map = load_cams(root / PERSON_CAMS / split / f"{record.id}.npz", expected_size=mask.shape).full[0]
+                        mask = merge_person(mask, person_map, person, config.cam_threshold)
+                        changed.append(record)
+                    merged[record.id] = mask
+                with_person[split] = len(changed)
+                if config.post_crf and changed:
+                    tasks = [CrfTask(r.id, read_image(manifest.image_path(r)), merged[r.id]) for r in changed]
+                    merged.update(dict(crf_many(tasks, params.crf)))
+                for record in manifest.records:
+                    write_mask_png(staging / split / f"{record.id}.png", merged[record.id])
+                    if split == "val" and record.mask is not None:
+                        matrix += confusion_matrix(read_mask(manifest.mask_path(record)), merged[record.id], num_classes)
+        scores = segmentation_scores(matrix)
+        metrics = {"person": True, "val": scores.as_dict(manifests["val"].class_names), "images_given_person": with_person}
+        write_json(root / metrics_path, metrics)
+        mlflow.log_metrics({"pseudo_mask_miou": scores.miou})
+    return metrics

@@ -1,0 +1,182 @@
+"""The ablation (the paper's Table 3): person merge, report rendering, and the grid through DVC on tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, make_document, make_params
+from test_step3 import STEP3
+from wsss.data.manifest import ImageRecord, Manifest
+from wsss.errors import ConfigError, DataError
+from wsss.io import read_mask
+from wsss.person import merge_person, person_view, shows_person
+from wsss.stages.ablation import background_knob, with_threshold
+from wsss.stages.ablation_report import ablation_markdown, factor_effects
+from wsss.stages.person import binary_scores
+
+PERSON = 4
+
+
+def test_merge_person_fills_only_background_above_the_threshold():
+    mask = np.array([[0, 0, 2], [0, 3, 0]], dtype=np.uint8)
+    person_map = np.array([[0.9, 0.2, 0.9], [0.5, 0.9, 0.45]], dtype=np.float32) * 0.5  # peak 0.45: normalised to 1
+    merged = merge_person(mask, person_map, PERSON, cam_threshold=0.5)
+    # normalised map: [[1, .22, 1], [.56, 1, .5]] -> background pixels at >= 0.5 become person
+    assert merged.tolist() == [[PERSON, 0, 2], [PERSON, 3, PERSON]]
+    assert mask.tolist() == [[0, 0, 2], [0, 3, 0]]  # the input is not modified
+    assert merge_person(mask, np.zeros_like(person_map), PERSON, 0.5).tolist() == mask.tolist()
+    with pytest.raises(ValueError, match="differ in size"):
+        merge_person(mask, person_map[:, :2], PERSON, 0.5)
+
+
+def _record(id_: str, labels, source_labels) -> ImageRecord:
+    return ImageRecord(id_, "train", f"images/{id_}.png", None, tuple(labels), tuple(source_labels))
+
+
+def test_person_view_reads_noisy_or_complete_labels_and_needs_a_person_class(tmp_path):
+    manifest = Manifest("embedded", ("background", "a", "b", "c", "coat"), PERSON,
+                        (_record("x", [1], [1, PERSON]), _record("y", [2, PERSON], [2])), tmp_path)
+    noisy = person_view(manifest, noisy=True)
+    assert noisy.class_names == ("background", "coat") and noisy.person_class is None
+    assert [r.labels for r in noisy.records] == [(1,), ()]
+    assert [r.labels for r in person_view(manifest, noisy=False).records] == [(), (1,)]
+    with pytest.raises(DataError, match="no person class"):
+        person_view(Manifest("voc", ("background", "a"), None, (), tmp_path), noisy=True)
+    assert shows_person(0.1, (PERSON,), PERSON, 0.5) and shows_person(0.6, (), PERSON, 0.5)
+    assert not shows_person(0.4, (1,), PERSON, 0.5)
+
+
+def test_binary_scores_and_empty_counts():
+    scores = binary_scores(np.array([True, True, False, False]), np.array([True, False, True, False]))
+    assert scores["precision"] == 0.5 and scores["recall"] == 0.5 and scores["f1"] == 0.5
+    nothing = binary_scores(np.array([False, False]), np.array([False, False]))
+    assert nothing["f1"] == 0.0 and nothing["positives"] == 0
+
+
+def test_threshold_sets_the_knob_of_the_background_mode():
+    walk = make_params({"irnet.background": "walk"})
+    assert background_knob(walk.irnet) == "bg_weight" and with_threshold(walk, 1.3).irnet.bg_weight == 1.3
+    plane = make_params({"irnet.background": "plane"})
+    assert with_threshold(plane, 0.3).irnet.threshold == 0.3 and with_threshold(plane, 0.3).irnet.bg_weight == plane.irnet.bg_weight
+    with pytest.raises(ConfigError, match="ablation.thresholds"):
+        with_threshold(plane, 1.3)
+
+
+def test_ablation_params_are_checked():
+    with pytest.raises(ConfigError, match="ablation.thresholds"):
+        make_params({"ablation.thresholds": [0.3, 0.3]})
+    with pytest.raises(ConfigError, match="ablation.encoders"):
+        make_params({"ablation.encoders": []})
+
+
+def _row(encoder, threshold, tta, person, miou):
+    return {"encoder": encoder, "threshold": threshold, "tta": tta, "person": person, "val_miou": miou,
+            "val_miou_without_person": miou + 0.01, "run_id": "r"}
+
+
+def test_report_renders_the_grid_with_the_papers_numbers_and_the_factor_effects():
+    rows = [_row(e, t, tta, p, 0.30 + 0.01 * i) for i, (e, t, tta, p) in enumerate(
+        (e, t, tta, p) for e in ("resnet50", "resnet101") for t in (0.3, 0.5) for tta in (False, True) for p in (False, True))]
+    effects = factor_effects(rows)
+    assert set(effects) == {"encoder", "threshold", "tta", "person"}
+    assert effects["tta"]["yes"] - effects["tta"]["no"] == pytest.approx(0.02)  # tta is the third loop: +2 rows of 0.01
+    assert effects["encoder"]["resnet101"] - effects["encoder"]["resnet50"] == pytest.approx(0.08)
+    text = ablation_markdown(rows, "irnet.threshold", [0.5, 1.0, 2.0])
+    table = [line for line in text.splitlines() if line.startswith("| resnet")]
+    assert len(table) == 16 + 7  # the grid, then the paper's Table 3
+    assert "| resnet50 | 0.3 | yes | no | 32.00 | 33.00 | 39.64 |" in table  # the paper's number beside the same cell
+    assert "| resnet101 | 0.3 | no | no | 38.00 | 39.00 |  |" in table  # a cell the paper did not run
+    assert "Best cell: resnet101, irnet thr. 0.5, TTA yes, person yes: **45.00**" in text
+    walk = ablation_markdown(rows[:2], "irnet.bg_weight", [1.0])
+    assert "IRNet bg weight" in walk and "39.64 |" not in walk.split("## The paper")[0]
+
+
+# --- the grid through DVC --------------------------------------------------------------------
+
+ABLATION = {**STEP3, "person.epochs": 2, "person.presence_threshold": 0.3, "person.cam_threshold": 0.4, "person.post_crf": False,
+            "ablation.encoders": ["resnet18"], "ablation.thresholds": [1.6], "ablation.person": [False, True]}
+
+
+def _run(args: list[str], cwd: Path, env: dict) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_cells(tmp_path, mlflow_store):
+    root = tmp_path / "clone"
+    root.mkdir()
+    for name in ("dvc.yaml", "pipelines", "src", "data/sources/fashion-mnist"):
+        source = REPO / name
+        (shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "dvc.lock"))
+         if source.is_dir() else shutil.copy(source, root / name))
+    (root / "params.yaml").write_text(yaml.safe_dump(make_document(ABLATION)))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": mlflow_store, "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        _run(command, root, env)
+
+    first = _ran(_run(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))
+    grid = {"pipelines/ablation/dvc.yaml:" + s for s in ("person_classifier", "masks@1.6", "person_masks@1.6",
+                                                         "cell@resnet18-1.6-False", "cell@resnet18-1.6-True", "report")}
+    assert grid <= first and "train_irnet" in first and "train_segmenter" not in first  # upstream shared, step 3 not needed
+
+    person = json.loads((root / "metrics/person_classifier.json").read_text())
+    assert 0 <= person["val"]["f1"] <= 1 and person["val"]["images"] > 0
+    plain = json.loads((root / "metrics/ablation/masks-thr-1.6-person-false.json").read_text())
+    merged = json.loads((root / "metrics/ablation/masks-thr-1.6-person-true.json").read_text())
+    assert plain["threshold_key"] == "irnet.bg_weight" and plain["bg_weight"] == 1.6
+    assert plain["val"]["iou"]["coat"] in (None, 0.0)  # no person in the plain pseudo masks
+    assert merged["images_given_person"]["val"] > 0
+    for split in ("train", "val"):  # the merge only turns background into person (no CRF here)
+        for path in sorted((root / "ablation/masks/thr-1.6-person-false" / split).glob("*.png")):
+            before, after = read_mask(path), read_mask(root / "ablation/masks/thr-1.6-person-true" / split / path.name)
+            changed = before != after
+            assert (before[changed] == 0).all() and (after[changed] == PERSON).all()
+
+    runs = mlflow.search_runs(experiment_names=["ablation"])
+    assert len(runs) == 4  # 2 cells x TTA off/on
+    assert set(zip(runs["params.encoder"], runs["params.threshold"], runs["params.tta"], runs["params.person"], strict=True)) == {
+        ("resnet18", "1.6", tta, person) for tta in ("False", "True") for person in ("False", "True")}
+    cell = json.loads((root / "metrics/ablation/cell-resnet18-thr-1.6-person-true.json").read_text())
+    logged = runs[(runs["params.person"] == "True") & (runs["params.tta"] == "True")]["metrics.val_miou"].item()
+    assert logged == pytest.approx(cell["val"]["tta"]["miou"])
+    report = (root / "reports/ablation.md").read_text()
+    assert f"| resnet18 | 1.6 | yes | yes | {100 * logged:.2f} |" in report
+    assert (root / "reports/ablation_effects.png").stat().st_size > 1000
+    assert (root / "models/ablation/resnet18-thr-1.6-person-true/model.pt").is_file()
+
+    assert not _ran(_run(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))  # nothing changed, nothing runs
+
+    document = yaml.safe_load((root / "params.yaml").read_text())
+    document["ablation"]["thresholds"] = [1.6, 1.2]
+    (root / "params.yaml").write_text(yaml.safe_dump(document))
+    added = _ran(_run(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))
+    assert added == {"pipelines/ablation/dvc.yaml:" + s for s in ("masks@1.2", "person_masks@1.2", "cell@resnet18-1.2-False",
+                                                                  "cell@resnet18-1.2-True", "report")}
+    assert len(mlflow.search_runs(experiment_names=["ablation"])) == 8
+    assert "| resnet18 | 1.2 | no | no |" in (root / "reports/ablation.md").read_text()
+
+
+def test_report_names_cells_without_a_run(project, mlflow_store):
+    from wsss.stages.ablation_report import run_ablation_report
+
+    params = make_params({"ablation.encoders": ["resnet18"], "ablation.thresholds": [1.6], "ablation.person": [False]})
+    with pytest.raises(DataError, match=r"resnet18-thr-1.6-person-no \(TTA no\)"):
+        run_ablation_report(params, project)
+    assert not (project / "reports/ablation.md").exists()
