@@ -227,3 +227,19 @@ def test_an_interrupted_trial_runs_again_on_resume(sweep_project, monkeypatch):
     retries = [t for t in study.trials if t.user_attrs.get("retry_of") == 1]
     assert len(retries) == 1 and retries[0].params == interrupted.params
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 4
+
+
+def test_a_study_resumed_with_another_mlflow_store_gets_a_new_parent_run(sweep_project, tmp_path, monkeypatch, _migrated_store):
+    root = sweep_project
+    (root / "params.yaml").write_text(yaml.safe_dump(make_document({**SWEEP, "sweep.trials": 2})))
+    assert main(["sweep", "--root", str(root)]) == 0
+    other = tmp_path / "other-store"
+    other.mkdir()
+    shutil.copy(_migrated_store, other / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other / 'mlflow.db'}")  # e.g. mlruns/ was removed
+    mlflow.set_tracking_uri(f"sqlite:///{other / 'mlflow.db'}")
+    (root / "params.yaml").write_text(yaml.safe_dump(make_document({**SWEEP, "sweep.trials": 3})))
+    assert main(["sweep", "--root", str(root), "--resume"]) == 0
+    assert len(_study(root).trials) == 3  # the two trials of the first call were kept
+    parents = [r for r in mlflow.search_runs(experiment_names=["wsss-sweep"], output_format="list") if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and _study(root).user_attrs["mlflow_parent_run_id"] == parents[0].info.run_id

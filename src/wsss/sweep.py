@@ -338,6 +338,8 @@ def _prepare_study(params: Params, root: Path, resume: bool):
             optuna.delete_study(study_name=name, storage=storage)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     parent_id = study.user_attrs.get(PARENT_ATTR)
+    if parent_id is not None and not _run_exists(client, parent_id):
+        parent_id = None  # the study outlived its MLflow store (another store, or mlruns removed): a new parent run
     if parent_id is None:
         tags = {**tracking.lineage_tags("sweep", fixed["inputs"], root), "wsss.study": name,
                 "wsss.storage": url.split("://")[0] if "://" in url else "journal"}
@@ -356,9 +358,19 @@ def _prepare_study(params: Params, root: Path, resume: bool):
     for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
         study.tell(trial.number, state=states.FAIL)
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-        if CHILD_ATTR in trial.user_attrs:
+        if CHILD_ATTR in trial.user_attrs and _run_exists(client, trial.user_attrs[CHILD_ATTR]):
             client.set_terminated(trial.user_attrs[CHILD_ATTR], status="KILLED")
     return study, url, parent_id
+
+
+def _run_exists(client, run_id: str) -> bool:
+    import mlflow
+
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
 
 
 def run_worker(params: Params, root: Path, name: str, url: str, parent_id: str, worker: int = 0) -> int:
