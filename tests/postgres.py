@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -34,33 +35,39 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory) -> str:
+def postgres_server() -> str:
     """``postgresql://postgres@127.0.0.1:<port>``: a server started for this test session."""
     binaries = _binaries()
     if binaries is None:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql); .ci/run installs it")
     as_user: list[str] = []
-    folder = tmp_path_factory.mktemp("postgres")
+    # a folder of its own under /tmp (world-traversable), not under pytest's private temporary folder
+    folder = Path(tempfile.mkdtemp(prefix="wsss-postgres-"))
     if os.geteuid() == 0:
         if shutil.which("runuser") is None:
             pytest.skip("running as root without runuser: cannot start PostgreSQL as the postgres user")
+        try:
+            shutil.chown(folder, "postgres")
+        except LookupError:
+            pytest.skip("running as root and there is no postgres user to run PostgreSQL as")
         as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(folder, "postgres")
-        os.chmod(folder, 0o700)
-        for parent in folder.parents:  # the postgres user must reach its folder
-            if parent == Path(parent.anchor):
-                break
-            os.chmod(parent, os.stat(parent).st_mode | 0o711)
-    data, port = folder / "data", _free_port()
+    data = folder / "data"
     subprocess.run([*as_user, str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
                    check=True, capture_output=True)
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"],
-                   check=True, capture_output=True)
+    for attempt in range(3):  # the free port may be taken between the probe and the server's bind
+        port = _free_port()
+        options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        started = subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"),
+                                  "-w", "start"], capture_output=True, text=True)
+        if started.returncode == 0:
+            break
+        if attempt == 2:
+            raise RuntimeError(f"PostgreSQL did not start: {started.stdout}{started.stderr}{(folder / 'log').read_text()}")
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
         subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

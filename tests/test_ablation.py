@@ -13,9 +13,9 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO, make_document, make_params
 from test_step3 import STEP3
+
 from wsss.data.manifest import ImageRecord, Manifest
 from wsss.errors import ConfigError, DataError
 from wsss.io import read_mask
@@ -173,10 +173,24 @@ def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_
     assert "| resnet18 | 1.2 | no | no |" in (root / "reports/ablation.md").read_text()
 
 
-def test_report_names_cells_without_a_run(project, mlflow_store):
+def test_report_names_cells_not_run_and_cells_whose_runs_this_store_lacks(project, mlflow_store):
     from wsss.stages.ablation_report import run_ablation_report
 
     params = make_params({"ablation.encoders": ["resnet18"], "ablation.thresholds": [1.6], "ablation.person": [False]})
-    with pytest.raises(DataError, match=r"resnet18-thr-1.6-person-no \(TTA no\)"):
+    with pytest.raises(DataError, match="cells not run: resnet18-thr-1.6-person-no"):
         run_ablation_report(params, project)
+    cell = {"encoder": "resnet18", "threshold": 1.6, "person": False, "mlflow_run_ids": {"plain": "a" * 32, "tta": "b" * 32}}
+    (project / "metrics/ablation").mkdir(parents=True)
+    (project / "metrics/ablation/cell-resnet18-thr-1.6-person-false.json").write_text(json.dumps(cell))
+    with pytest.raises(DataError, match=r"lacks the finished runs of resnet18-thr-1.6-person-no \(TTA no\): run aaaa"):
+        run_ablation_report(params, project)  # e.g. the cell came from DVC's run cache
     assert not (project / "reports/ablation.md").exists()
+
+
+@pytest.mark.parametrize("out", [".", "", "ablation", "../elsewhere/masks", "/tmp/masks", ".git/objects"])
+def test_an_output_path_that_could_replace_the_project_is_refused(project, out, capsys):
+    from wsss.cli import main
+
+    assert main(["ablation-masks", "--root", str(project), "--threshold", "1.6", "--out", out, "--metrics", "metrics/ablation/m.json"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert (project / "params.yaml").is_file() and (project / "data").is_dir()

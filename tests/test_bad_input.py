@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import make_document
 from sources_fixtures import mask_with, write_lid, write_voc
+
 from wsss.cli import EXIT_USER_ERROR, main
 from wsss.data.manifest import load_manifest
 from wsss.errors import DataError

@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from wsss.cam import ImageCams, confidence_score, label_map, load_cams, multiscale_cams, normalise, save_cams, stride4_size
+from wsss.cam import (
+    ImageCams,
+    confidence_score,
+    label_map,
+    load_cams,
+    multiscale_cams,
+    normalise,
+    save_cams,
+    stride4_size,
+)
 from wsss.errors import DataError
 from wsss.models.classifier import build_classifier
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, make_document
+
 from wsss.cli import EXIT_USER_ERROR, main
 from wsss.config import ConfigError, flatten, load_params, validate_params
 

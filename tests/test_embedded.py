@@ -4,8 +4,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from conftest import FASHION_SUBSET, make_params
+
 from wsss.data.embedded import generate, render_object
 from wsss.data.fashion_mnist import load_pools
 from wsss.data.manifest import load_manifest

@@ -5,8 +5,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import FASHION_SUBSET
+
 from wsss.cli import main
 from wsss.data.fashion_mnist import SUBSET_FILE, load_pools, read_idx
 from wsss.errors import DataError

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import make_params
 from sources_fixtures import write_lid, write_voc
+
 from wsss.data.manifest import load_manifest
 from wsss.data.prepare import prepare_dataset
 from wsss.data.sources import VOC_CLASSES

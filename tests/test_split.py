@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_params
+
 from wsss.config import BalanceParams
 from wsss.data.manifest import ImageRecord, Manifest, load_manifest
 from wsss.data.prepare import drop_person_labels_randomly, prepare_dataset

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import make_document, make_params
+
 from wsss import checkpoint
 from wsss.cam_inference import evaluate_cams
 from wsss.classifier import BEST, LAST, train_classifier, trained_class_ids

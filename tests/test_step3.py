@@ -9,9 +9,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-
 from conftest import make_document
 from test_step1 import STEP2
+
 from wsss.cli import main
 from wsss.data.manifest import load_manifest
 from wsss.io import read_mask

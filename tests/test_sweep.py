@@ -10,10 +10,10 @@ import mlflow
 import optuna
 import pytest
 import yaml
-from optuna.trial import TrialState
-
 from conftest import make_document, make_params
+from optuna.trial import TrialState
 from test_step1 import STEP2
+
 from wsss.cli import main
 from wsss.config import load_params
 from wsss.data.manifest import load_manifest

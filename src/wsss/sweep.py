@@ -367,10 +367,12 @@ def _run_exists(client, run_id: str) -> bool:
     import mlflow
 
     try:
-        client.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        return False
-    return True
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise  # a server that cannot be reached is no reason to start another parent run
+    return run.info.lifecycle_stage != "deleted"
 
 
 def run_worker(params: Params, root: Path, name: str, url: str, parent_id: str, worker: int = 0) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections import Counter
-from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -31,6 +31,20 @@ STAGES: dict[str, Callable[[Any, Path], Any]] = {
 }
 
 
+def check_output_path(root: Path, path: Path, option: str) -> None:
+    """A folder or file a stage replaces must be relative, inside the project and at least two
+    levels deep (``ablation/masks/...``), so that a typo cannot make it replace the project, a
+    top-level folder or anything outside."""
+    from wsss.errors import ConfigError
+
+    root = Path(root).resolve()
+    resolved = (root / path).resolve()
+    if path.is_absolute() or not resolved.is_relative_to(root) or len(resolved.relative_to(root).parts) < 2 \
+            or resolved.relative_to(root).parts[0] in {".git", ".dvc"}:
+        raise ConfigError("command line", [(option, f"{str(path)!r} must be a path inside the project, two levels deep or more "
+                                                    "(e.g. ablation/masks/thr-1.6-person-false)")])
+
+
 def _ablation(function: str, *names: str) -> Callable[[Any, Path, Any], Any]:
     """An ablation stage called with the command line's extra arguments (``--threshold`` ...)."""
     module, _, name = function.rpartition(".")
@@ -38,6 +52,9 @@ def _ablation(function: str, *names: str) -> Callable[[Any, Path, Any], Any]:
     def run(params, root: Path, args):
         import importlib
 
+        for option in names:
+            if isinstance(getattr(args, option), Path):
+                check_output_path(root, getattr(args, option), f"--{option}")
         return getattr(importlib.import_module(f"wsss.stages.{module}"), name)(params, root, *(getattr(args, n) for n in names))
 
     return run

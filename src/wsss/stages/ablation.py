@@ -26,9 +26,9 @@ from wsss.io import atomic_dir, write_json
 from wsss.models.segmenter import SegmenterSpec, build_segmenter, save_segmenter
 from wsss.segmentation import SegmentationDataset, train_segmenter
 from wsss.stages.cams import CAMS_DIR
+from wsss.stages.common import load_splits, unfinished_run
 from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
 from wsss.stages.irnet import IRNET_PATH, load_irnet, pseudo_mask_metrics, write_pseudo_masks
-from wsss.stages.person import load_splits
 from wsss.stages.segmenter import evaluate_model
 
 CELL_KIND = "cell"
@@ -85,11 +85,12 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
     previous = checkpoint.load_if_compatible(checkpoint_dir / "last.pt", run_fingerprint)
     spec = SegmenterSpec(encoder, train.num_classes, config.output_stride, config.decoder_channels, tuple(train.class_names))
     factors = {"encoder": encoder, "threshold": threshold, "person": person}
-    logged = {**{f"ablation.{k}": v for k, v in factors.items()}, "seed": params.seed, **flatten(config.model_dump(), "segmenter.")}
+    logged = {**{f"ablation.{k}": v for k, v in factors.items()}, "seed": params.seed,
+              **flatten(config.model_dump(exclude=_NOT_IN_FINGERPRINT), "segmenter.")}
     val_records = [r for r in val.records if r.mask is not None]
 
     with tracking.stage_run("ablation_cell", params.tracking.experiment, logged, root=root, hashes=hashes,
-                            resume_run_id=previous.get("mlflow_run_id") if previous else None) as run:
+                            resume_run_id=unfinished_run(previous, config.epochs)) as run:
         dataset = SegmentationDataset([train.image_path(r) for r in train.records], [root / masks_dir / "train" / f"{r.id}.png" for r in train.records],
                                       config.image_size, config.augmentation, params.seed, train.num_classes, config.scale_range)
         result = train_segmenter(config, params.seed, spec, dataset, [val.image_path(r) for r in val_records],
@@ -106,33 +107,38 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
                             "val_tta_miou": scores["val"]["tta"]["miou"]})
 
     metrics = {**factors, "threshold_key": f"irnet.{background_knob(params.irnet)}", "best_epoch": result.best_epoch,
-               "tta_scales": params.evaluate.tta_scales, "val": {"plain": scores["val"]["plain"], "tta": scores["val"]["tta"]}}
-    log_cell_runs(params, root, factors, metrics, train_run_id)
+               "tta_scales": params.evaluate.tta_scales, "val": {"plain": scores["val"]["plain"], "tta": scores["val"]["tta"]},
+               "train_run_id": train_run_id}
+    metrics["mlflow_run_ids"] = log_cell_runs(params, root, factors, metrics, train_run_id)
     write_json(root / metrics_path, metrics)
     return metrics
 
 
-def log_cell_runs(params: Params, root: Path, factors: dict, metrics: dict, train_run_id: str) -> None:
-    """Two runs of the ablation experiment, TTA off and on; earlier runs of the same cells are
-    tagged ``wsss.superseded`` so that the MLflow UI can hide them."""
+def log_cell_runs(params: Params, root: Path, factors: dict, metrics: dict, train_run_id: str) -> dict[str, str]:
+    """Two runs of the ablation experiment, TTA off and on (their ids by ``"plain"`` / ``"tta"``);
+    then earlier runs of the same cells are tagged ``wsss.superseded`` so that the MLflow UI can hide them."""
     import mlflow
 
     experiment = params.ablation.experiment if params.ablation else "ablation"
     experiment_id = tracking.ensure_experiment(experiment, root)
     client = mlflow.MlflowClient()
     name = cell_name(factors["encoder"], factors["threshold"], factors["person"])
-    for tta in (False, True):
+    commit, dirty = tracking.git_state(root)
+    run_ids = {}
+    for mode, tta in (("plain", False), ("tta", True)):
         cell = f"{name}-tta-{'yes' if tta else 'no'}"
-        for old in client.search_runs([experiment_id], filter_string=f"tags.`wsss.cell` = '{cell}'"):
-            client.set_tag(old.info.run_id, "wsss.superseded", "true")
-        scores = metrics["val"]["tta" if tta else "plain"]
-        with mlflow.start_run(experiment_id=experiment_id, run_name=cell):
+        scores = metrics["val"][mode]
+        with mlflow.start_run(experiment_id=experiment_id, run_name=cell) as run:
             mlflow.log_params({**factors, "tta": tta, "threshold_key": metrics["threshold_key"],
                                "tta_scales": metrics["tta_scales"] if tta else None})
             mlflow.log_metrics({"val_miou": scores["miou"], "val_mean_accuracy": scores["mean_accuracy"],
                                 "val_pixel_accuracy": scores["pixel_accuracy"],
                                 **({"val_miou_without_person": scores["miou_without_person"]} if "miou_without_person" in scores else {}),
                                 **{f"val_iou_{k}": v for k, v in scores["iou"].items() if v is not None}})
-            commit, dirty = tracking.git_state(root)
             mlflow.set_tags({"wsss.kind": CELL_KIND, "wsss.cell": cell, "wsss.train_run_id": train_run_id,
                              "wsss.git_commit": commit, "wsss.git_dirty": str(dirty).lower()})
+            run_ids[mode] = run.info.run_id
+        for old in client.search_runs([experiment_id], filter_string=f"tags.`wsss.cell` = '{cell}'"):
+            if old.info.run_id != run_ids[mode]:
+                client.set_tag(old.info.run_id, "wsss.superseded", "true")
+    return run_ids

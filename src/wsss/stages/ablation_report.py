@@ -1,6 +1,7 @@
 """The ``ablation_report`` stage: ``reports/ablation.md`` and ``reports/ablation_effects.png``
 from the ``ablation`` experiment's MLflow runs (``mlflow.search_runs``, not files): the grid as the
-paper's Table 3 with the paper's numbers beside, and the mean effect of each factor."""
+paper's Table 3 with the paper's numbers beside, and the mean effect of each factor. The runs are those
+that the cells' tracked metrics name, so the table always shows the grid DVC holds."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import numpy as np
 from wsss import tracking, visualize
 from wsss.config import Params, flatten
 from wsss.errors import ConfigError, DataError
-from wsss.io import atomic_write_bytes
-from wsss.stages.ablation import CELL_KIND, background_knob, cell_name
+from wsss.io import atomic_write_bytes, read_json
+from wsss.stages.ablation import background_knob, cell_name
 
 REPORT = Path("reports/ablation.md")
+METRICS_DIR = Path("metrics/ablation")
 EFFECTS_PLOT = Path("reports/ablation_effects.png")
 FACTORS = ("encoder", "threshold", "tta", "person")
 # The paper's Table 3 (LID val mIoU): (encoder, IRNet threshold, TTA, person) -> mIoU.
@@ -31,45 +33,56 @@ PAPER_TABLE3 = {
 }
 
 
-def _truthy(text) -> bool:
-    return str(text).lower() in {"true", "1", "yes"}
+def _cell_metrics(root: Path) -> dict[tuple, dict]:
+    """Every cell's ``metrics/ablation/cell-*.json`` (what DVC tracks), by (encoder, threshold, person)."""
+    cells = {}
+    for path in sorted((root / METRICS_DIR).glob("cell-*.json")):
+        payload = read_json(path)
+        try:
+            cells[(payload["encoder"], float(payload["threshold"]), bool(payload["person"]))] = payload
+        except (KeyError, TypeError, ValueError):
+            raise DataError(path, "not a cell's metrics file (encoder, threshold, person missing)") from None
+    return cells
 
 
 def grid_rows(params: Params, root: Path) -> list[dict]:
-    """The latest MLflow run of every cell of the current grid (``ablation`` group), as rows
-    with the four factors and the val scores; a cell without a run raises :class:`DataError`."""
+    """One row per cell of the current grid (``ablation`` group) and TTA setting, from the MLflow
+    runs that the cells' tracked metrics name (``mlflow_run_ids``): a cell that has not run, or
+    whose runs are not in this MLflow store (restored from DVC's cache, run with another store),
+    raises :class:`DataError` naming it."""
     import mlflow
 
     if params.ablation is None:
         raise ConfigError("params.yaml", [("ablation", "required key is missing (the grid's encoders and thresholds)")])
-    tracking.ensure_experiment(params.ablation.experiment, root)
-    runs = mlflow.search_runs(experiment_names=[params.ablation.experiment], filter_string=f"tags.`wsss.kind` = '{CELL_KIND}'",
-                              order_by=["attributes.start_time DESC"], output_format="list")
-    latest: dict[tuple, object] = {}
-    for run in runs:
-        p = run.data.params
-        try:
-            key = (p["encoder"], float(p["threshold"]), _truthy(p["tta"]), _truthy(p["person"]))
-        except (KeyError, ValueError):
-            continue
-        latest.setdefault(key, run)  # newest first
-    rows, missing = [], []
     grid = params.ablation
+    cells = _cell_metrics(root)
+    wanted, not_run = {}, []
     for encoder in grid.encoders:
         for threshold in grid.thresholds:
             for person in grid.person:
-                for tta in (False, True):
-                    run = next((r for k, r in latest.items() if k[0] == encoder and math.isclose(k[1], threshold)
-                                and k[2] == tta and k[3] == person), None)
-                    if run is None:
-                        missing.append(f"{cell_name(encoder, threshold, person)} (TTA {'yes' if tta else 'no'})")
-                        continue
-                    m = run.data.metrics
-                    rows.append({"encoder": encoder, "threshold": threshold, "tta": tta, "person": person,
-                                 "val_miou": m["val_miou"], "val_miou_without_person": m.get("val_miou_without_person"), "run_id": run.info.run_id})
-    if missing:
-        raise DataError(tracking.tracking_uri(root), f"no MLflow run in experiment {grid.experiment!r} for cells {', '.join(missing)}: "
-                        "run `dvc repro pipelines/ablation/dvc.yaml` (with -f for cells DVC considers up to date)")
+                cell = next((c for (e, t, p), c in cells.items() if e == encoder and math.isclose(t, threshold) and p == person), None)
+                if cell is None or "mlflow_run_ids" not in cell:
+                    not_run.append(cell_name(encoder, threshold, person))
+                    continue
+                for mode in ("plain", "tta"):
+                    wanted[cell["mlflow_run_ids"][mode]] = (encoder, threshold, mode == "tta", person)
+    if not_run:
+        raise DataError(root / METRICS_DIR, f"cells not run: {', '.join(not_run)}: run `dvc repro pipelines/ablation/dvc.yaml`")
+    tracking.ensure_experiment(grid.experiment, root)
+    ids = ", ".join(f"'{run_id}'" for run_id in wanted)
+    runs = mlflow.search_runs(experiment_names=[grid.experiment], filter_string=f"attributes.run_id IN ({ids}) and attributes.status = 'FINISHED'",
+                              output_format="list")
+    found = {run.info.run_id: run for run in runs}
+    lost = [f"{cell_name(e, t, p)} (TTA {'yes' if tta else 'no'}): run {run_id}" for run_id, (e, t, tta, p) in wanted.items() if run_id not in found]
+    if lost:
+        raise DataError(tracking.tracking_uri(root), f"experiment {grid.experiment!r} lacks the finished runs of {'; '.join(lost)} "
+                        "(the cell came from DVC's cache or ran with another MLflow store): re-run it with "
+                        "`dvc repro -f -s pipelines/ablation/dvc.yaml:cell@<encoder>-<threshold>-<person>`")
+    rows = []
+    for run_id, (encoder, threshold, tta, person) in wanted.items():
+        metrics = found[run_id].data.metrics
+        rows.append({"encoder": encoder, "threshold": threshold, "tta": tta, "person": person, "val_miou": metrics["val_miou"],
+                     "val_miou_without_person": metrics.get("val_miou_without_person"), "run_id": run_id})
     return rows
 
 

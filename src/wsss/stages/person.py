@@ -22,13 +22,13 @@ from wsss.cam_inference import compute_cams
 from wsss.classifier import BEST, LAST, train_classifier
 from wsss.config import Params, flatten
 from wsss.crf import CrfTask, crf_many
-from wsss.data.manifest import Manifest, load_manifest
 from wsss.errors import DataError
 from wsss.io import atomic_dir, read_image, read_json, read_mask, write_json, write_mask_png
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.models.classifier import classifier_state, load_trained_classifier
 from wsss.person import merge_person, person_view, shows_person
 from wsss.stages.cams import INDEX
+from wsss.stages.common import load_splits, unfinished_run
 from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
 
 PERSON_MODEL = Path("models/person_classifier/model.pt")
@@ -36,10 +36,6 @@ PERSON_CHECKPOINTS = Path("checkpoints/person_classifier")
 PERSON_CAMS = Path("cams_person")
 PERSON_METRICS = Path("metrics/person_classifier.json")
 _NOT_IN_FINGERPRINT = {"workers", "threads"}
-
-
-def load_splits(root: Path, names=("train", "val")) -> dict[str, Manifest]:
-    return {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in names}
 
 
 def binary_scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
@@ -64,10 +60,11 @@ def run_person_classifier(params: Params, root: Path) -> dict:
     hashes = tracking.input_hashes({"splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
     run_fingerprint = checkpoint.fingerprint(config.model_dump(exclude=_NOT_IN_FINGERPRINT), params.seed, "person", hashes)
     previous = checkpoint.load_if_compatible(root / PERSON_CHECKPOINTS / LAST, run_fingerprint)
-    logged = {"seed": params.seed, **flatten(config.model_dump(), "classifier."), **flatten(params.person.model_dump(), "person.")}
+    logged = {"seed": params.seed, **flatten(config.model_dump(exclude=_NOT_IN_FINGERPRINT), "classifier."),
+              **flatten(params.person.model_dump(), "person.")}
 
     with tracking.stage_run("person_classifier", params.tracking.experiment, logged, root=root, hashes=hashes,
-                            resume_run_id=previous.get("mlflow_run_id") if previous else None) as run:
+                            resume_run_id=unfinished_run(previous, config.epochs)) as run:
         result = train_classifier(binary_params, views["train"], views["val"], root / PERSON_CHECKPOINTS, run_fingerprint,
                                   lambda r: mlflow.log_metrics({"loss": r.loss, "val_f1_at_0.5": r.macro_f1}, step=r.epoch),
                                   extra_state={"mlflow_run_id": run.info.run_id})
