@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, make_document, make_params
+from conftest import make_params
+from dvc_project import dvc_project, run_ok, stages_run
 from test_step3 import STEP3
 
 from wsss.data.manifest import ImageRecord, Manifest
@@ -107,31 +103,10 @@ ABLATION = {**STEP3, "person.epochs": 2, "person.presence_threshold": 0.3, "pers
             "ablation.encoders": ["resnet18"], "ablation.thresholds": [1.6], "ablation.person": [False, True]}
 
 
-def _run(args: list[str], cwd: Path, env: dict) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
-
-
-def _ran(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
-
 def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_cells(tmp_path, mlflow_store):
-    root = tmp_path / "clone"
-    root.mkdir()
-    for name in ("dvc.yaml", "pipelines", "src", "data/sources/fashion-mnist"):
-        source = REPO / name
-        (shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "dvc.lock"))
-         if source.is_dir() else shutil.copy(source, root / name))
-    (root / "params.yaml").write_text(yaml.safe_dump(make_document(ABLATION)))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": mlflow_store, "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        _run(command, root, env)
+    root, env = dvc_project(tmp_path, mlflow_store, ABLATION)
 
-    first = _ran(_run(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))
+    first = stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))
     grid = {"pipelines/ablation/dvc.yaml:" + s for s in ("person_classifier", "masks@1.6", "person_masks@1.6",
                                                          "cell@resnet18-1.6-False", "cell@resnet18-1.6-True", "report")}
     assert grid <= first and "train_irnet" in first and "train_segmenter" not in first  # upstream shared, step 3 not needed
@@ -161,12 +136,12 @@ def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_
     assert (root / "reports/ablation_effects.png").stat().st_size > 1000
     assert (root / "models/ablation/resnet18-thr-1.6-person-true/model.pt").is_file()
 
-    assert not _ran(_run(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))  # nothing changed, nothing runs
+    assert not stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))  # nothing changed, nothing runs
 
     document = yaml.safe_load((root / "params.yaml").read_text())
     document["ablation"]["thresholds"] = [1.6, 1.2]
     (root / "params.yaml").write_text(yaml.safe_dump(document))
-    added = _ran(_run(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))
+    added = stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))
     assert added == {"pipelines/ablation/dvc.yaml:" + s for s in ("masks@1.2", "person_masks@1.2", "cell@resnet18-1.2-False",
                                                                   "cell@resnet18-1.2-True", "report")}
     assert len(mlflow.search_runs(experiment_names=["ablation"])) == 8

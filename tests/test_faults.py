@@ -17,6 +17,7 @@ import optuna
 import pytest
 import yaml
 from conftest import REPO, make_document
+from dvc_project import dvc_project, run_ok, subprocess_env
 from optuna.trial import TrialState
 from postgres import postgres_database, postgres_server  # noqa: F401  (fixtures)
 from test_step1 import STEP1
@@ -27,18 +28,6 @@ from wsss.config import load_params
 from wsss.sweep import open_storage, study_name
 
 CLASSIFIER = {**STEP1, "classifier.epochs": 4, "classifier.threads": 1}
-
-
-def _env(tracking_uri: str) -> dict:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t",
-            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-
-
-def _run(args: list[str], cwd: Path, env: dict) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
 
 
 def _kill_when(process: subprocess.Popen, ready, timeout: float = 120.0) -> None:
@@ -66,7 +55,7 @@ def split_copies(project: Path, mlflow_store, tmp_path: Path) -> tuple[Path, Pat
 
 def test_a_training_stage_killed_mid_epoch_continues_and_ends_as_an_uninterrupted_run(split_copies, mlflow_store):
     killed, uninterrupted = split_copies
-    env = _env(mlflow_store)
+    env = subprocess_env(mlflow_store)
     command = [sys.executable, "-m", "wsss.cli", "train-classifier", "--root"]
     last = killed / "checkpoints/classifier/last.pt"
     process = subprocess.Popen([*command, str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -75,8 +64,8 @@ def test_a_training_stage_killed_mid_epoch_continues_and_ends_as_an_uninterrupte
     assert process.returncode == -signal.SIGKILL
     assert not (killed / "metrics/classifier.json").exists() and not (killed / "models/classifier/model.pt").exists()
 
-    _run([*command, str(killed)], REPO, env)
-    _run([*command, str(uninterrupted)], REPO, env)
+    run_ok([*command, str(killed)], REPO, env)
+    run_ok([*command, str(uninterrupted)], REPO, env)
     resumed = json.loads((killed / "metrics/classifier.json").read_text())
     assert resumed == json.loads((uninterrupted / "metrics/classifier.json").read_text())
     assert resumed["epochs"] == 4
@@ -87,22 +76,8 @@ def test_a_training_stage_killed_mid_epoch_continues_and_ends_as_an_uninterrupte
     assert (killed / "models/classifier/model.pt").read_bytes() == (uninterrupted / "models/classifier/model.pt").read_bytes()
 
 
-def _dvc_project(tmp_path: Path, tracking_uri: str, overrides: dict) -> tuple[Path, dict]:
-    root = tmp_path / "clone"
-    root.mkdir()
-    for name in ("dvc.yaml", "pipelines", "src", "data/sources/fashion-mnist"):
-        source = REPO / name
-        (shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "dvc.lock"))
-         if source.is_dir() else shutil.copy(source, root / name))
-    (root / "params.yaml").write_text(yaml.safe_dump(make_document(overrides)))
-    env = _env(tracking_uri)
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        _run(command, root, env)
-    return root, env
-
-
 def test_a_stage_killed_while_writing_leaves_nothing_complete_and_a_rerun_writes_everything(tmp_path, mlflow_store):
-    root, env = _dvc_project(tmp_path, mlflow_store, {"data.embedded.num_train": 400})
+    root, env = dvc_project(tmp_path, mlflow_store, {"data.embedded.num_train": 400})
     images = root / "data/prepared/images"
 
     def writing() -> bool:  # the staging folder of data/prepared holds some images, not all
@@ -114,33 +89,33 @@ def test_a_stage_killed_while_writing_leaves_nothing_complete_and_a_rerun_writes
     _kill_when(process, writing)  # dvc and the stage's python, as a machine or a terminal kill would
     assert not images.exists()  # nothing half written where DVC looks
     assert not (root / "dvc.lock").exists() or "prepare" not in (root / "dvc.lock").read_text()
-    status = _run(["dvc", "status", "prepare"], root, env)
+    status = run_ok(["dvc", "status", "prepare"], root, env)
     assert "prepare" in status and "up to date" not in status
 
-    rerun = _run(["dvc", "repro", "prepare"], root, env)
+    rerun = run_ok(["dvc", "repro", "prepare"], root, env)
     assert "Running stage 'prepare'" in rerun
     manifest = json.loads((root / "data/prepared/manifest.json").read_text())
     assert len(list(images.glob("*.png"))) == len(manifest["images"]) and len(manifest["images"]) > 400
-    assert "up to date" in _run(["dvc", "status", "prepare"], root, env)
+    assert "up to date" in run_ok(["dvc", "status", "prepare"], root, env)
 
 
 def test_outputs_go_to_a_dvc_remote_and_come_back_in_a_clone(tmp_path, mlflow_store):
-    root, env = _dvc_project(tmp_path, mlflow_store, {})
-    _run(["dvc", "repro", "split"], root, env)
+    root, env = dvc_project(tmp_path, mlflow_store, {})
+    run_ok(["dvc", "repro", "split"], root, env)
     remote = tmp_path / "remote"
-    _run(["dvc", "remote", "add", "-d", "storage", str(remote)], root, env)
-    pushed = _run(["dvc", "push"], root, env)
+    run_ok(["dvc", "remote", "add", "-d", "storage", str(remote)], root, env)
+    pushed = run_ok(["dvc", "push"], root, env)
     assert "pushed" in pushed and any(remote.rglob("*"))
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "outputs"], root, env)
+    run_ok(["git", "add", "-A"], root, env)
+    run_ok(["git", "commit", "-qm", "outputs"], root, env)
 
     clone = tmp_path / "second"
-    _run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    run_ok(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
     assert not (clone / "data/splits").exists()
-    _run(["dvc", "pull", "--with-deps", "split"], clone, env)  # the stages that have run; the others have no outputs yet
+    run_ok(["dvc", "pull", "--with-deps", "split"], clone, env)  # the stages that have run; the others have no outputs yet
     for relative in ("data/splits/train.json", "data/prepared/manifest.json"):
         assert (clone / relative).read_bytes() == (root / relative).read_bytes()
-    assert "up to date" in _run(["dvc", "status", "split"], clone, env)  # the pulled outputs match the lock
+    assert "up to date" in run_ok(["dvc", "status", "split"], clone, env)  # the pulled outputs match the lock
 
 
 def test_a_stage_logs_its_run_to_mlflow_on_postgresql(project, postgres_database, monkeypatch, tmp_path):  # noqa: F811
