@@ -112,7 +112,7 @@ def ablation_markdown(rows: list[dict], threshold_key: str, tta_scales: list[flo
     threshold_title = "IRNet thr." if threshold_key == "irnet.threshold" else "IRNet bg weight"
     lines = ["# wsss: the ablation grid (the paper's Table 3)", "",
              f"Val mIoU (%) of DeepLabv3+ per cell; the threshold column sets `{threshold_key}`; TTA = mean of logits over "
-             f"image and mirror at scales {tta_scales}. Built from the MLflow experiment's latest run of each cell.", "",
+             f"image and mirror at scales {tta_scales}. Built from the MLflow runs that the cells' tracked metrics name.", "",
              f"| encoder | {threshold_title} | TTA | person | val mIoU | without the person class | paper (LID val) |",
              "|---|---:|---|---|---:|---:|---:|"]
     for row in sorted(rows, key=lambda r: (r["encoder"], r["threshold"], r["person"], r["tta"])):
