@@ -20,6 +20,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from wsss import distributed
 from wsss.io import IGNORE_INDEX
 
 EPSILON = 1e-5
@@ -96,7 +97,14 @@ def pair_masks(labels: torch.Tensor, offsets: tuple[tuple[int, int], ...]) -> Pa
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over ``mask`` in the *global* batch. Under torchrun each process
+    divides its sum by the pair count of all processes (times their number, as DDP averages the
+    gradients), so N processes optimise the loss of one: pair counts differ between slices."""
+    context = distributed.current()
     count = mask.sum()
+    if context.distributed:
+        count = torch.from_numpy(distributed.all_reduce_sum(count.detach().cpu().numpy().reshape(1), context)).to(values.device)[0]
+        return (values * mask).sum() * context.world_size / count if count > 0 else values.sum() * 0.0
     return (values * mask).sum() / count if count > 0 else values.sum() * 0.0
 
 

@@ -10,11 +10,15 @@ CPU with the same seed), because every epoch reseeds shuffling, augmentation and
 Classes: the network has one output per *trained* class, i.e. every class but the person class
 when ``data.drop_person_labels`` (it has no labels to learn from). ``class_ids`` maps output j
 to dataset class id ``class_ids[j]``.
+
+Under torchrun (:mod:`wsss.distributed`) every process trains on its slice of the same global
+batches (DDP averages the gradients) and scores its share of val; the F1 is computed on the
+gathered probabilities, so every process takes the same best-epoch decision. Checkpoints are
+written by rank 0.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from wsss import augment, checkpoint
+from wsss import augment, checkpoint, distributed
 from wsss.config import ClassifierParams, Params
 from wsss.data.manifest import ImageRecord, Manifest
 from wsss.io import read_image
@@ -108,10 +112,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: ClassifierParams):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def device_for_training() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
@@ -136,13 +136,15 @@ def train_classifier(
     ``on_epoch(result)`` runs after each epoch's checkpoint is on disk; ``extra_state`` (e.g. the
     MLflow run id) is stored in ``last.pt`` so that a resumed run can pick it up."""
     config = params.classifier
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    device = device_for_training()
+    context = distributed.current()
+    torch.set_num_threads(context.cpu_threads(config.threads))
+    device = context.device
     class_ids = trained_class_ids(train, params)
     checkpoint.seed_everything(params.seed)
     model = build_classifier(config.arch, len(class_ids), config.extra_convs, config.weights).to(device)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
+    scaler = context.grad_scaler()
 
     history: list[EpochResult] = []
     best_macro, best_epoch = -1.0, 0
@@ -155,39 +157,49 @@ def train_classifier(
         history = [EpochResult(**entry) for entry in state["history"]]
         best_macro, best_epoch = state["best_macro_f1"], state["best_epoch"]
         start_epoch = resumed_from = state["epoch"] + 1
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
 
     train_set = ClassificationDataset(train, class_ids, augment.build_transform(config.augmentation, config.image_size), params.seed)
     val_set = ClassificationDataset(val, class_ids, augment.build_transform("none", config.image_size), params.seed)
-    val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.workers)
+    val_span = distributed.shard_range(len(val_set), context)
+    val_loader = DataLoader(Subset(val_set, val_span) if context.distributed else val_set, batch_size=config.batch_size,
+                            num_workers=config.workers)
     loss_fn = nn.BCEWithLogitsLoss()
+    trained = distributed.wrap_model(model, context)
 
     for epoch in range(start_epoch, config.epochs + 1):
         epoch_seed = checkpoint.derive_seed(params.seed, epoch)
         checkpoint.seed_everything(epoch_seed)
         train_set.epoch = epoch
-        order = torch.Generator().manual_seed(epoch_seed)
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(train_set) > config.batch_size,
-                            generator=order, num_workers=config.workers)
-        model.train()
+        loader = distributed.training_loader(train_set, config.batch_size, len(train_set) > config.batch_size, epoch_seed,
+                                             config.workers, context)
+        trained.train()
         total, seen = 0.0, 0
-        for images, targets in tqdm(loader, desc=f"classifier epoch {epoch}/{config.epochs}", unit="batch", leave=False):
+        for images, targets in tqdm(loader, desc=f"classifier epoch {epoch}/{config.epochs}", unit="batch", leave=False,
+                                    disable=not context.is_main):
             images, targets = images.to(device), targets.to(device)
-            loss = loss_fn(model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with context.autocast():
+                loss = loss_fn(trained(images), targets)
+            distributed.optimizer_step(loss, optimizer, scaler)
             total += float(loss.detach()) * len(images)
             seen += len(images)
         lr = optimizer.param_groups[1]["lr"]
         scheduler.step()
 
-        probabilities, targets = predict_probabilities(model, val_loader, device)
+        if len(val_span):
+            probabilities, targets = predict_probabilities(model, val_loader, device)
+        else:  # fewer val images than processes
+            probabilities = targets = np.zeros((0, len(class_ids)), dtype=np.float32)
+        probabilities, targets = distributed.gather_rows(probabilities, context), distributed.gather_rows(targets, context)
         scores = multilabel_f1(probabilities, targets)
-        result = EpochResult(epoch, total / max(seen, 1), scores.micro, scores.macro, scores.per_class.tolist(), lr)
+        total, seen = distributed.all_reduce_sum(np.array([total, seen], dtype=np.float64), context)
+        result = EpochResult(epoch, float(total / max(seen, 1)), scores.micro, scores.macro, scores.per_class.tolist(), lr)
         history.append(result)
         if result.macro_f1 > best_macro:
             best_macro, best_epoch = result.macro_f1, epoch
-            checkpoint.save(checkpoint_dir / BEST, {"model": model.state_dict(), "epoch": epoch, "fingerprint": run_fingerprint})
+            if context.is_main:
+                checkpoint.save(checkpoint_dir / BEST, {"model": model.state_dict(), "epoch": epoch, "fingerprint": run_fingerprint})
         last = {
             "fingerprint": run_fingerprint,
             "epoch": epoch,
@@ -197,9 +209,12 @@ def train_classifier(
             "history": [vars(entry) for entry in history],
             "best_macro_f1": best_macro,
             "best_epoch": best_epoch,
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
             **(extra_state or {}),
         }
-        checkpoint.save(checkpoint_dir / LAST, last)
+        if context.is_main:
+            checkpoint.save(checkpoint_dir / LAST, last)
+        distributed.barrier(context)
         if on_epoch is not None:
             on_epoch(result)
 

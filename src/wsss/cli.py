@@ -103,12 +103,17 @@ def _run(args: argparse.Namespace) -> None:
               f"{best['values']} -> val mIoU {best['objective']:.4f}\nto use them: {best['apply']}")
         return
 
+    from wsss import distributed
     from wsss.stages import ABLATION_STAGES, STAGES
 
-    if args.command in ABLATION_STAGES:
-        ABLATION_STAGES[args.command](params, root, args)
-        return
-    STAGES[args.command](params, root)
+    distributed.init(params.compute)  # joins torchrun's process group when started by it
+    try:
+        if args.command in ABLATION_STAGES:
+            ABLATION_STAGES[args.command](params, root, args)
+            return
+        STAGES[args.command](params, root)
+    finally:
+        distributed.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

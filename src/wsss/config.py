@@ -360,6 +360,24 @@ class AblationParams(_Group):
         return self
 
 
+class ComputeParams(_Group):
+    """How the stages run, not what they compute: the launcher of the parallel stages (one
+    process, or torchrun with N processes), the device, mixed precision, BatchNorm across
+    processes. See :mod:`wsss.distributed`."""
+
+    launcher: str = "python"  # python | torchrun --standalone --nproc_per_node N (dvc.yaml: the stages' command)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # training forward passes; fp16 needs CUDA
+    batchnorm: Literal["local", "sync"] = "local"  # several processes: per-process statistics or SyncBatchNorm (CUDA)
+
+    @model_validator(mode="after")
+    def _known_launcher(self) -> ComputeParams:
+        program = self.launcher.split()[0] if self.launcher.split() else ""
+        if program not in {"python", "python3", "torchrun"}:
+            raise ValueError(f"launcher: expected 'python' or a 'torchrun ...' command, got {self.launcher!r}")
+        return self
+
+
 class TrackingParams(_Group):
     experiment: str = Field("wsss", min_length=1)
 
@@ -369,6 +387,7 @@ class Params(_Group):
 
     seed: int = Field(ge=0)
     tracking: TrackingParams = TrackingParams()
+    compute: ComputeParams = ComputeParams()
     data: DataParams
     classifier: ClassifierParams
     cams: CamParams = CamParams()

@@ -9,7 +9,6 @@ method-notes, "IR labels". Only the labels present in the input map take part.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -61,10 +60,13 @@ def _run(task: CrfTask, params: CrfParams) -> tuple[str, np.ndarray | None, str 
 
 
 def crf_many(tasks: Iterable[CrfTask], params: CrfParams, chunksize: int = 16) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(name, refined labels)`` in order, over ``params.workers`` processes (0 = all cores).
+    """Yield ``(name, refined labels)`` in order, over ``params.workers`` processes (0 = all cores,
+    shared by the torchrun processes of this machine).
 
     If any image fails, :class:`CrfError` names every failed image after the others are done."""
-    workers = params.workers or os.cpu_count() or 1
+    from wsss import distributed
+
+    workers = params.workers or distributed.current().cpu_threads()
     failures = []
 
     def collect(results):

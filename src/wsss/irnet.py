@@ -7,11 +7,12 @@ the set with scales 0.5, 1, 1.5, 2), randomly cropped (or padded: image 0, label
 momentum, two learning rates (displacement branch, boundary branch), weight decay, poly decay
 (power 0.9) over all steps. ``last.pt`` after every epoch; a re-run with the same params resumes.
 Every epoch reseeds from ``(seed, epoch)``, so a resumed run ends with the same weights.
+Under torchrun every process trains on its slice of the same global batches (DDP averages the
+gradients; the frozen backbone gets none); rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from wsss import augment, checkpoint
+from wsss import augment, checkpoint, distributed
 from wsss.affinity import affinity_loss, displacement_loss, half_plane_offsets, pair_affinities, pair_masks
 from wsss.config import Params
 from wsss.data.manifest import ImageRecord, Manifest
@@ -118,8 +119,9 @@ def train_irnet(
     extra_state: dict | None = None,
 ) -> IrnetResult:
     config = params.irnet
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    context = distributed.current()
+    torch.set_num_threads(context.cpu_threads(config.threads))
+    device = context.device
     model.to(device)
     groups = model.parameter_groups()
     optimizer = torch.optim.SGD(
@@ -137,30 +139,38 @@ def train_irnet(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = resumed_from = state["epoch"] + 1
         step, history = state["step"], state["history"]
+    scaler = context.grad_scaler()
+    if state is not None and scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
 
+    trained = distributed.wrap_model(model, context)
     losses: dict[str, float] = history[-1] if history else {}
     for epoch in range(start_epoch, config.epochs + 1):
         epoch_seed = checkpoint.derive_seed(params.seed, epoch)
         checkpoint.seed_everything(epoch_seed)
         dataset.epoch = epoch
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(epoch_seed), num_workers=config.workers)
-        model.train()
-        for images, labels in tqdm(loader, desc=f"irnet epoch {epoch}/{config.epochs}", unit="batch", leave=False):
+        loader = distributed.training_loader(dataset, config.batch_size, True, epoch_seed, config.workers, context)
+        trained.train()
+        for images, labels in tqdm(loader, desc=f"irnet epoch {epoch}/{config.epochs}", unit="batch", leave=False,
+                                   disable=not context.is_main):
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * (1 - step / total_steps) ** POLY_POWER
-            batch_losses = irnet_losses(model, images.to(device), labels.to(device), offsets)
-            optimizer.zero_grad(set_to_none=True)
-            batch_losses["total"].backward()
-            optimizer.step()
+            with context.autocast():
+                batch_losses = irnet_losses(trained, images.to(device), labels.to(device), offsets)
+            distributed.optimizer_step(batch_losses["total"], optimizer, scaler)
             step += 1
             losses = {name: float(value.detach()) for name, value in batch_losses.items()}
+            if context.distributed:  # the global batch's losses: the mean over processes
+                losses = {name: distributed.all_reduce_mean(value, context) for name, value in losses.items()}
             if on_step is not None:
                 on_step(step, losses)
         history.append({**losses, "epoch": epoch})
-        checkpoint.save(checkpoint_dir / LAST, {"fingerprint": run_fingerprint, "epoch": epoch, "step": step,
-                                                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                "history": history, **(extra_state or {})})
+        if context.is_main:
+            checkpoint.save(checkpoint_dir / LAST, {"fingerprint": run_fingerprint, "epoch": epoch, "step": step,
+                                                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                    "history": history, **({"scaler": scaler.state_dict()} if scaler else {}),
+                                                    **(extra_state or {})})
+        distributed.barrier(context)
         if on_epoch is not None:
             on_epoch(epoch)
     return IrnetResult(step, config.epochs, {k: v for k, v in losses.items() if k != "epoch"}, history, resumed_from)

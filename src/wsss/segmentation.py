@@ -8,12 +8,14 @@ mIoU on val (every image at its own size, :func:`wsss.models.segmenter.padded_fo
 picks the best epoch (``best.pt``), and ``last.pt`` records the whole state: a re-run with the
 same fingerprint resumes and ends with the weights of an uninterrupted run (on a CPU, same seed),
 because every epoch reseeds shuffling, augmentation, dropout and torch from ``(seed, epoch)``.
+Under torchrun every process trains on its slice of the same global batches (DDP averages the
+gradients) and scores its share of val; the confusion matrices are summed, so every process
+takes the same best-epoch decision. Rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +24,10 @@ import albumentations as A
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from wsss import augment, checkpoint
+from wsss import augment, checkpoint, distributed
 from wsss.config import SegmenterParams
 from wsss.errors import DataError
 from wsss.io import IGNORE_INDEX, read_image, read_mask
@@ -147,13 +149,20 @@ def predict_pairs(model: nn.Module, image_paths: list[Path], mask_paths: list[Pa
         yield from zip(masks, logits.argmax(1).cpu().numpy().astype(np.uint8), strict=True)
 
 
-def evaluate_segmenter(model: nn.Module, image_paths: list[Path], mask_paths: list[Path], num_classes: int,
-                       batch_size: int = 8, tta_scales: Sequence[float] | None = None) -> SegmentationScores:
-    """Scores of ``model`` on every image at its own size (``tta_scales``: flip x scale TTA, None = plain)."""
+def validation_matrix(model: nn.Module, image_paths: list[Path], mask_paths: list[Path], num_classes: int,
+                      batch_size: int = 8, tta_scales: Sequence[float] | None = None) -> np.ndarray:
+    """The confusion matrix of ``model`` on every image at its own size (``tta_scales``: flip x
+    scale TTA, None = plain)."""
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     for mask, prediction in predict_pairs(model, image_paths, mask_paths, num_classes, batch_size, tta_scales):
         matrix += confusion_matrix(mask, prediction, num_classes)
-    return segmentation_scores(matrix)
+    return matrix
+
+
+def evaluate_segmenter(model: nn.Module, image_paths: list[Path], mask_paths: list[Path], num_classes: int,
+                       batch_size: int = 8, tta_scales: Sequence[float] | None = None) -> SegmentationScores:
+    """Scores of ``model`` on every image at its own size (``tta_scales``: flip x scale TTA, None = plain)."""
+    return segmentation_scores(validation_matrix(model, image_paths, mask_paths, num_classes, batch_size, tta_scales))
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -206,8 +215,9 @@ def train_segmenter(
     if len(train_set) < 2:
         raise ValueError(f"{desc}: at least two training images are needed, got {len(train_set)}")
     checkpoint_dir = Path(checkpoint_dir)
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    context = distributed.current()
+    torch.set_num_threads(context.cpu_threads(config.threads))
+    device = context.device
     checkpoint.seed_everything(seed)
     model = build_segmenter(spec.encoder, spec.num_classes, spec.output_stride, spec.decoder_channels, encoder_weights)
     model.to(device)
@@ -230,46 +240,57 @@ def train_segmenter(
         best_epoch, best_miou = state["best"]["epoch"], state["best"]["miou"]
         step = state["step"]
         start_epoch = resumed_from = state["epoch"] + 1
+    scaler = context.grad_scaler()
+    if state is not None and scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
 
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    trained = distributed.wrap_model(model, context)
+    val_share = distributed.shard_range(len(val_images), context)
     for epoch in range(start_epoch, config.epochs + 1):
         epoch_seed = checkpoint.derive_seed(seed, epoch)
         checkpoint.seed_everything(epoch_seed)
         train_set.epoch = epoch
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=drop_last,
-                            generator=torch.Generator().manual_seed(epoch_seed), num_workers=config.workers)
-        model.train()
+        loader = distributed.training_loader(train_set, config.batch_size, drop_last, epoch_seed, config.workers, context)
+        trained.train()
         total, seen, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
-        for images, masks in tqdm(loader, desc=f"{desc} epoch {epoch}/{config.epochs}", unit="batch", leave=False):
+        for images, masks in tqdm(loader, desc=f"{desc} epoch {epoch}/{config.epochs}", unit="batch", leave=False,
+                                  disable=not context.is_main):
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * max(0.0, 1 - step / total_steps) ** POLY_POWER
             lr = optimizer.param_groups[0]["lr"]
             images, masks = images.to(device), masks.to(device)
-            loss = loss_fn(model(images), masks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with context.autocast():
+                loss = loss_fn(trained(images), masks)
+            distributed.optimizer_step(loss, optimizer, scaler)
             step += 1
             total += float(loss.detach()) * len(images)
             seen += len(images)
 
-        scores = evaluate_segmenter(model, val_images, val_masks, spec.num_classes, config.batch_size)
-        record = EpochRecord(epoch, total / max(seen, 1), scores.miou, lr)
+        matrix = validation_matrix(model, val_images[val_share.start : val_share.stop], val_masks[val_share.start : val_share.stop],
+                                   spec.num_classes, config.batch_size)
+        scores = segmentation_scores(distributed.all_reduce_sum(matrix, context))
+        total, seen = distributed.all_reduce_sum(np.array([total, seen], dtype=np.float64), context)
+        record = EpochRecord(epoch, float(total / max(seen, 1)), scores.miou, lr)
         history.append(record)
         if best_epoch == 0 or _score(record.val_miou) > _score(best_miou):
             best_epoch, best_miou = epoch, record.val_miou
-            checkpoint.save(checkpoint_dir / BEST, {"model": model.state_dict(), "epoch": epoch, "miou": best_miou,
-                                                    "fingerprint": run_fingerprint})
-        checkpoint.save(checkpoint_dir / LAST, {
-            "fingerprint": run_fingerprint,
-            "epoch": epoch,
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "history": [asdict(entry) for entry in history],
-            "best": {"epoch": best_epoch, "miou": best_miou},
-            **(extra_state or {}),
-        })
+            if context.is_main:
+                checkpoint.save(checkpoint_dir / BEST, {"model": model.state_dict(), "epoch": epoch, "miou": best_miou,
+                                                        "fingerprint": run_fingerprint})
+        if context.is_main:
+            checkpoint.save(checkpoint_dir / LAST, {
+                "fingerprint": run_fingerprint,
+                "epoch": epoch,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "history": [asdict(entry) for entry in history],
+                "best": {"epoch": best_epoch, "miou": best_miou},
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                **(extra_state or {}),
+            })
+        distributed.barrier(context)
         if on_epoch is not None:
             on_epoch(record)
 

@@ -5,7 +5,8 @@ The store is ``sqlite:///<project root>/mlruns/mlflow.db`` with artifacts under
 folder); the environment variable ``MLFLOW_TRACKING_URI`` overrides it (another SQLite file keeps
 its artifacts beside it; a tracking server with PostgreSQL decides where its artifacts go).
 Each run carries the tags ``wsss.stage``, ``wsss.git_commit``, ``wsss.git_dirty`` and
-``wsss.input.<name>`` (SHA-256 of each input file or folder), plus the stage's flattened params.
+``wsss.input.<name>`` (SHA-256 of each input file or folder), how it ran (``wsss.processes``,
+``wsss.device``, ``wsss.precision``, ``wsss.batchnorm``), plus the stage's flattened params.
 """
 
 from __future__ import annotations
@@ -88,8 +89,14 @@ def input_hashes(inputs: Mapping[str, Path]) -> dict[str, str]:
 
 
 def lineage_tags(stage: str, hashes: Mapping[str, str], root: Path) -> dict[str, str]:
+    from wsss import distributed
+
     commit, dirty = git_state(root)
-    tags = {"wsss.stage": stage, "wsss.git_commit": commit, "wsss.git_dirty": str(dirty).lower()}
+    context = distributed.current()
+    tags = {"wsss.stage": stage, "wsss.git_commit": commit, "wsss.git_dirty": str(dirty).lower(),
+            # how it ran (tags, not params: a run resumed on another machine may change them)
+            "wsss.processes": str(context.world_size), "wsss.device": str(context.device),
+            "wsss.precision": context.precision, "wsss.batchnorm": context.batchnorm}
     tags.update({f"wsss.input.{name}": digest for name, digest in hashes.items()})
     return tags
 

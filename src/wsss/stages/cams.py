@@ -3,21 +3,21 @@
 Outputs: ``cams/{train,val}/<id>.npz`` and ``cams/index.json`` (per image: classes with a map and
 confidence), ``metrics/cams.json`` (mIoU of CAM and CAM+CRF on val, per-class IoU), ``plots/cams/per_class_iou.csv`` (dvc plots). MLflow gets the same numbers, an overlay figure
 (image | CAM | CAM label map | CAM+CRF | ground truth) and a per-class IoU bar chart.
+Under torchrun each process computes and evaluates its share of the images; rank 0 logs.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from wsss import tracking, visualize
+from wsss import distributed, tracking, visualize
 from wsss.cam_inference import CamEvaluation, compute_cams, evaluate_cams
 from wsss.config import Params, flatten
 from wsss.data.manifest import Manifest, load_manifest
-from wsss.io import atomic_dir, write_csv, write_json
+from wsss.io import write_csv, write_json
 from wsss.metrics import segmentation_scores
 from wsss.models.classifier import load_trained_classifier
 from wsss.stages.classifier import MODEL_PATH
@@ -97,23 +97,41 @@ def per_class_figure(metrics: dict):
     return figure
 
 
-def run_cams(params: Params, root: Path) -> dict:
+def write_cams(model, class_ids: list[int], manifests: dict[str, Manifest], staging: Path, params: Params) -> tuple[dict, CamEvaluation]:
+    """The CAMs of every image into ``staging/<split>/`` and ``staging/index.json``, and their
+    evaluation on val; under torchrun each process handles its share and the results are merged."""
+    context = distributed.current()
+    index = {"class_ids": class_ids, "scales": params.cams.scales, "normalize": params.cams.normalize, "images": {}}
+    for name, manifest in manifests.items():
+        share = manifest.derive(distributed.shard(manifest.records, context))
+        summaries = compute_cams(model, class_ids, share, staging / name, params.cams, context.device, desc=f"cams {name}")
+        index["images"][name] = distributed.gather_json([vars(summary) for summary in summaries], context)
+    if context.is_main:
+        write_json(staging / INDEX, index)
+    val = manifests["val"]
+    evaluation = evaluate_cams(val.derive(distributed.shard(val.records, context)), staging / "val", params.cams, params.crf,
+                               params.cams.num_overlays if context.is_main else 0)
+    merged = CamEvaluation(distributed.all_reduce_sum(evaluation.cam_matrix, context),
+                           distributed.all_reduce_sum(evaluation.crf_matrix, context), evaluation.examples)
+    return index, merged
+
+
+def run_cams(params: Params, root: Path) -> dict | None:
     import mlflow
 
     manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in SPLITS}
     model, state = load_trained_classifier(root / MODEL_PATH)
+    context = distributed.current()
+    torch.set_num_threads(context.cpu_threads())
+    if not context.is_main:  # a torchrun process but rank 0: its share of the CAMs, nothing logged
+        with distributed.shared_atomic_dir(root / CAMS_DIR, context) as staging:
+            write_cams(model, state["class_ids"], manifests, staging, params)
+        return None
     hashes = tracking.input_hashes({"model": root / MODEL_PATH, "splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
-    torch.set_num_threads(os.cpu_count() or 1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     with tracking.stage_run("cams", params.tracking.experiment, stage_params(params), root=root, hashes=hashes):
-        with atomic_dir(root / CAMS_DIR) as staging:
-            index = {"class_ids": state["class_ids"], "scales": params.cams.scales, "normalize": params.cams.normalize, "images": {}}
-            for name, manifest in manifests.items():
-                summaries = compute_cams(model, state["class_ids"], manifest, staging / name, params.cams, device, desc=f"cams {name}")
-                index["images"][name] = [vars(summary) for summary in summaries]
-            write_json(staging / INDEX, index)
-            evaluation = evaluate_cams(manifests["val"], staging / "val", params.cams, params.crf, params.cams.num_overlays)
+        with distributed.shared_atomic_dir(root / CAMS_DIR, context) as staging:
+            index, evaluation = write_cams(model, state["class_ids"], manifests, staging, params)
 
         metrics = cams_metrics(manifests["val"], evaluation, params)
         confidences = [entry["confidence"] for entry in index["images"]["train"]]

@@ -3,19 +3,21 @@
 Outputs: ``models/classifier/model.pt`` (best epoch by val macro-F1), ``metrics/classifier.json``,
 ``plots/classifier/training.csv`` (dvc plots); ``checkpoints/classifier/`` (not a DVC output,
 kept across runs) holds ``last.pt`` for resuming. MLflow gets, per epoch, the loss, micro-F1,
-macro-F1 and per-class F1 on val, and the training curves as a picture.
+macro-F1 and per-class F1 on val, and the training curves as a picture. Under torchrun every
+process trains; rank 0 alone logs and writes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from wsss import checkpoint, tracking, visualize
+from wsss import checkpoint, distributed, tracking, visualize
 from wsss.classifier import BEST, LAST, TrainResult, train_classifier, trained_class_ids
 from wsss.config import Params, flatten
 from wsss.data.manifest import load_manifest
 from wsss.io import write_csv, write_json
 from wsss.models.classifier import classifier_state
+from wsss.stages.common import unfinished_run
 from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
 
 MODEL_PATH = Path("models/classifier/model.pt")
@@ -61,12 +63,14 @@ def run_train_classifier(params: Params, root: Path) -> TrainResult:
     val = load_manifest(root / SPLITS_DIR / "val.json")
     hashes = tracking.input_hashes({"splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
     config = params.classifier.model_dump(exclude=_NOT_IN_FINGERPRINT)
-    run_fingerprint = checkpoint.fingerprint(config, params.seed, params.data.drop_person_labels, hashes)
+    run_fingerprint = checkpoint.fingerprint(config, params.seed, params.data.drop_person_labels, hashes,
+                                             *distributed.precision_fingerprint())
+    if not distributed.current().is_main:
+        return train_classifier(params, train, val, root / CHECKPOINT_DIR, run_fingerprint)
     previous = checkpoint.load_if_compatible(root / CHECKPOINT_DIR / LAST, run_fingerprint)
-    previous_run = previous.get("mlflow_run_id") if previous else None
 
     with tracking.stage_run("train_classifier", params.tracking.experiment, stage_params(params), root=root,
-                            hashes=hashes, resume_run_id=previous_run) as run:
+                            hashes=hashes, resume_run_id=unfinished_run(previous, params.classifier.epochs)) as run:
         names = train.class_names
         class_ids = trained_class_ids(train, params)
 

@@ -3,21 +3,23 @@
 Outputs: ``ir_labels/<id>.png`` (palette PNG: class ids, 0 background, 255 unsure),
 ``ir_labels/index.json`` (kept ids and the cutoff), ``metrics/ir_labels.json`` (images kept, share
 of fg / bg / ignore pixels, precision of fg and bg pixels against the training masks: a
-diagnostic only, never used for training).
+diagnostic only, never used for training). Under torchrun each process labels its share of the
+images (the CRF is the cost); rank 0 writes the index and metrics and logs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from wsss import tracking
+from wsss import distributed, tracking
 from wsss.cam import load_cams
 from wsss.config import Params
 from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError
-from wsss.io import atomic_dir, read_image, read_json, read_mask, write_json, write_mask_png
+from wsss.io import read_image, read_json, read_mask, write_json, write_mask_png
 from wsss.ir_labels import IrInput, ir_labels_many, label_statistics
 from wsss.stages.cams import CAMS_DIR, INDEX
 from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
@@ -44,33 +46,51 @@ def confident_ids(index: dict, cutoff: float) -> list[str]:
     return kept
 
 
-def run_ir_labels(params: Params, root: Path) -> dict:
+TOTALS = ("fg", "bg", "ignore", "fg_checked", "bg_checked", "fg_correct", "bg_correct")
+
+
+def write_ir_labels(train, records, root: Path, staging: Path, params: Params) -> dict[str, int]:
+    """The IR labels of ``records`` into ``staging`` (this process's share under torchrun), and
+    the pixel counts of :func:`label_statistics`, summed over every process."""
+    context = distributed.current()
+    share = distributed.shard(records, context)
+    totals = dict.fromkeys(TOTALS, 0)
+    for start in tqdm(range(0, len(share), CHUNK), desc="ir_labels", unit="chunk", disable=not context.is_main):
+        chunk = share[start : start + CHUNK]
+        items = []
+        for record in chunk:
+            image = read_image(train.image_path(record))
+            cams = load_cams(root / CAMS_DIR / "train" / f"{record.id}.npz", expected_size=image.shape[:2])
+            items.append(IrInput(record.id, image, cams.full, cams.class_ids))
+        labels = ir_labels_many(items, params.irnet.conf_fg, params.irnet.conf_bg, params.crf)
+        for record in chunk:
+            write_mask_png(staging / f"{record.id}.png", labels[record.id])
+            mask_path = train.mask_path(record)
+            counts = label_statistics(labels[record.id], read_mask(mask_path) if mask_path else None)
+            for key, value in counts.items():
+                totals[key] += value
+    if context.is_main:
+        write_json(staging / INDEX, {"confidence_cutoff": params.irnet.confidence_cutoff, "ids": [r.id for r in records]})
+    summed = distributed.all_reduce_sum(np.array([totals[key] for key in TOTALS], dtype=np.int64), context)
+    return {key: int(value) for key, value in zip(TOTALS, summed, strict=True)}
+
+
+def run_ir_labels(params: Params, root: Path) -> dict | None:
     import mlflow
 
     train = load_manifest(root / SPLITS_DIR / "train.json")
     index = read_json(root / CAMS_DIR / INDEX)
     kept = set(confident_ids(index, params.irnet.confidence_cutoff))
     records = [r for r in train.records if r.id in kept]
+    if not distributed.current().is_main:  # a torchrun process but rank 0: its share, nothing logged
+        with distributed.shared_atomic_dir(root / IR_LABELS_DIR) as staging:
+            write_ir_labels(train, records, root, staging, params)
+        return None
     hashes = tracking.input_hashes({"cams": root / CAMS_DIR, "splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
 
     with tracking.stage_run("ir_labels", params.tracking.experiment, stage_params(params), root=root, hashes=hashes):
-        totals = dict.fromkeys(("fg", "bg", "ignore", "fg_checked", "bg_checked", "fg_correct", "bg_correct"), 0)
-        with atomic_dir(root / IR_LABELS_DIR) as staging:
-            for start in tqdm(range(0, len(records), CHUNK), desc="ir_labels", unit="chunk"):
-                chunk = records[start : start + CHUNK]
-                items = []
-                for record in chunk:
-                    image = read_image(train.image_path(record))
-                    cams = load_cams(root / CAMS_DIR / "train" / f"{record.id}.npz", expected_size=image.shape[:2])
-                    items.append(IrInput(record.id, image, cams.full, cams.class_ids))
-                labels = ir_labels_many(items, params.irnet.conf_fg, params.irnet.conf_bg, params.crf)
-                for record in chunk:
-                    write_mask_png(staging / f"{record.id}.png", labels[record.id])
-                    mask_path = train.mask_path(record)
-                    counts = label_statistics(labels[record.id], read_mask(mask_path) if mask_path else None)
-                    for key, value in counts.items():
-                        totals[key] += value
-            write_json(staging / INDEX, {"confidence_cutoff": params.irnet.confidence_cutoff, "ids": [r.id for r in records]})
+        with distributed.shared_atomic_dir(root / IR_LABELS_DIR) as staging:
+            totals = write_ir_labels(train, records, root, staging, params)
 
         pixels = totals["fg"] + totals["bg"] + totals["ignore"]
         metrics = {

@@ -5,12 +5,12 @@ resumable from ``checkpoints/irnet/last.pt``.
 ``pseudo_masks``: ``pseudo_masks/{train,val}/<id>.png`` (palette PNGs) for every train and val
 image, ``metrics/pseudo_masks.json`` (val mIoU, per-class IoU: the paper's Table 2 row "IRNet";
 with ``irnet.post_crf`` also the mIoU before the CRF), ``plots/pseudo_masks/per_class_iou.csv``;
-MLflow gets an overlay figure (image | CAM + CRF | pseudo mask | ground truth).
+MLflow gets an overlay figure (image | CAM + CRF | pseudo mask | ground truth). Under torchrun
+each process walks its share of the images; the val confusion matrices are summed and rank 0 logs.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +19,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wsss import augment, checkpoint, tracking, visualize
+from wsss import augment, checkpoint, distributed, tracking, visualize
 from wsss.cam import ImageCams, label_map, load_cams
 from wsss.config import IrnetParams, Params, flatten
 from wsss.crf import CrfTask, crf_labels, crf_many
 from wsss.data.manifest import ImageRecord, Manifest, load_manifest
-from wsss.io import atomic_dir, read_image, read_json, read_mask, write_csv, write_json, write_mask_png
+from wsss.io import read_image, read_json, read_mask, write_csv, write_json, write_mask_png
 from wsss.irnet import LAST, IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.random_walk import propagate_many, pseudo_mask, walk_seeds
 from wsss.stages.cams import CAMS_DIR, INDEX
 from wsss.stages.cams import METRICS as CAMS_METRICS
 from wsss.stages.classifier import MODEL_PATH as CLASSIFIER_PATH
+from wsss.stages.common import unfinished_run
 from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
 from wsss.stages.ir_labels import IR_LABELS_DIR
 
@@ -54,15 +55,22 @@ def run_train_irnet(params: Params, root: Path) -> dict:
     records = [r for r in train.records if r.id in kept]
     hashes = tracking.input_hashes({"ir_labels": root / IR_LABELS_DIR, "classifier": root / CLASSIFIER_PATH, "prepared": root / PREPARED_DIR})
     config = {key: getattr(params.irnet, key) for key in TRAIN_KEYS}
-    run_fingerprint = checkpoint.fingerprint(config, params.seed, hashes)
-    previous = checkpoint.load_if_compatible(root / CHECKPOINT_DIR / LAST, run_fingerprint)
+    run_fingerprint = checkpoint.fingerprint(config, params.seed, hashes, *distributed.precision_fingerprint())
 
-    with tracking.stage_run("train_irnet", params.tracking.experiment, {"seed": params.seed, **{f"irnet.{k}": v for k, v in config.items()}},
-                            root=root, hashes=hashes, resume_run_id=previous.get("mlflow_run_id") if previous else None) as run:
+    def model_and_data():
         checkpoint.seed_everything(params.seed)
         model = build_irnet(params, root / CLASSIFIER_PATH)
         dataset = IrDataset(train, records, root / IR_LABELS_DIR, params.irnet.train_scales, params.irnet.crop_size,
                             params.irnet.augmentation, params.seed)
+        return model, dataset
+
+    if not distributed.current().is_main:  # a torchrun process but rank 0: trains, writes nothing
+        return vars(train_irnet(params, *model_and_data(), root / CHECKPOINT_DIR, run_fingerprint))
+    previous = checkpoint.load_if_compatible(root / CHECKPOINT_DIR / LAST, run_fingerprint)
+
+    with tracking.stage_run("train_irnet", params.tracking.experiment, {"seed": params.seed, **{f"irnet.{k}": v for k, v in config.items()}},
+                            root=root, hashes=hashes, resume_run_id=unfinished_run(previous, params.irnet.epochs)) as run:
+        model, dataset = model_and_data()
         result = train_irnet(params, model, dataset, root / CHECKPOINT_DIR, run_fingerprint,
                              on_step=lambda step, losses: mlflow.log_metrics(losses, step=step),
                              extra_state={"mlflow_run_id": run.info.run_id})
@@ -187,21 +195,35 @@ def pseudo_mask_metrics(matrix: np.ndarray, walk_matrix: np.ndarray, val: Manife
     return metrics
 
 
-def run_pseudo_masks(params: Params, root: Path) -> dict:
+def write_shared_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, out_dir: Path,
+                             params: Params) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """:func:`write_pseudo_masks` of this process's share of each manifest (all of it in a single
+    process); the val confusion matrices summed over processes."""
+    context = distributed.current()
+    shares = {split: manifest.derive(distributed.shard(manifest.records, context)) for split, manifest in manifests.items()}
+    matrix, walk_matrix, examples = write_pseudo_masks(model, shares, cams_root, out_dir, params)
+    return distributed.all_reduce_sum(matrix, context), distributed.all_reduce_sum(walk_matrix, context), examples
+
+
+def run_pseudo_masks(params: Params, root: Path) -> dict | None:
     import mlflow
 
     manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("train", "val")}
-    hashes = tracking.input_hashes({"irnet": root / IRNET_PATH, "cams": root / CAMS_DIR, "splits": root / SPLITS_DIR})
     model = load_irnet(params, root, root / IRNET_PATH)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(distributed.current().cpu_threads())
+    if not distributed.current().is_main:  # a torchrun process but rank 0: its share, nothing logged
+        with distributed.shared_atomic_dir(root / PSEUDO_DIR) as staging:
+            write_shared_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
+        return None
+    hashes = tracking.input_hashes({"irnet": root / IRNET_PATH, "cams": root / CAMS_DIR, "splits": root / SPLITS_DIR})
     walk = params.irnet
     logged = {f"irnet.{k}": getattr(walk, k) for k in WALK_KEYS}
     if walk.post_crf:
         logged.update(flatten(params.crf.model_dump(), "crf."))
 
     with tracking.stage_run("pseudo_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
-        with atomic_dir(root / PSEUDO_DIR) as staging:
-            matrix, walk_matrix, examples = write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
+        with distributed.shared_atomic_dir(root / PSEUDO_DIR) as staging:
+            matrix, walk_matrix, examples = write_shared_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
 
         metrics = pseudo_mask_metrics(matrix, walk_matrix, manifests["val"], walk)
         scores = segmentation_scores(matrix)

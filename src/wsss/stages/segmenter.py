@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss import checkpoint, tracking, visualize
+from wsss import checkpoint, distributed, tracking, visualize
 from wsss.cam import label_map, load_cams
 from wsss.config import Params, flatten
 from wsss.crf import crf_labels
@@ -32,6 +32,7 @@ from wsss.metrics import SegmentationScores, confusion_matrix, segmentation_scor
 from wsss.models.segmenter import SegmenterSpec, build_segmenter, load_segmenter, save_segmenter
 from wsss.segmentation import LAST, SegmentationDataset, predict_pairs, train_segmenter
 from wsss.stages.cams import CAMS_DIR
+from wsss.stages.common import unfinished_run
 from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
 from wsss.stages.irnet import PSEUDO_DIR
 
@@ -83,15 +84,19 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
     config = params.segmenter
     hashes = tracking.input_hashes({**inputs, "splits": root / SPLITS_DIR})
     run_fingerprint = checkpoint.fingerprint({k: v for k, v in config.model_dump().items() if k not in _NOT_IN_FINGERPRINT},
-                                             params.seed, hashes, masks)
+                                             params.seed, hashes, masks, *distributed.precision_fingerprint())
     checkpoint_dir = root / "checkpoints" / stage
-    previous = checkpoint.load_if_compatible(checkpoint_dir / LAST, run_fingerprint)
     spec = SegmenterSpec(config.encoder, train.num_classes, config.output_stride, config.decoder_channels, tuple(train.class_names))
+    dataset = SegmentationDataset(images, mask_paths, config.image_size, config.augmentation, params.seed, train.num_classes,
+                                  config.scale_range)
+    if not distributed.current().is_main:  # a torchrun process but rank 0: trains, writes nothing
+        train_segmenter(config, params.seed, spec, dataset, val_images, val_masks, checkpoint_dir, run_fingerprint,
+                        encoder_weights=config.encoder_weights, desc=stage)
+        return {}
+    previous = checkpoint.load_if_compatible(checkpoint_dir / LAST, run_fingerprint)
 
     with tracking.stage_run(stage, params.tracking.experiment, _segmenter_params(params), root=root, hashes=hashes,
-                            resume_run_id=previous.get("mlflow_run_id") if previous else None) as run:
-        dataset = SegmentationDataset(images, mask_paths, config.image_size, config.augmentation, params.seed, train.num_classes,
-                                      config.scale_range)
+                            resume_run_id=unfinished_run(previous, config.epochs)) as run:
         result = train_segmenter(
             config, params.seed, spec, dataset, val_images, val_masks, checkpoint_dir, run_fingerprint,
             encoder_weights=config.encoder_weights,
@@ -119,7 +124,8 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
 
 def run_train_segmenter(params: Params, root: Path) -> dict:
     metrics = _train_stage(params, root, "train_segmenter", "pseudo")
-    write_json(root / SEGMENTER_METRICS, metrics)
+    if distributed.current().is_main:
+        write_json(root / SEGMENTER_METRICS, metrics)
     return metrics
 
 
@@ -162,7 +168,8 @@ def run_oracle(params: Params, root: Path) -> dict:
         write_json(root / ORACLE_METRICS, metrics)
         return metrics
     metrics = {"available": True, **_train_stage(params, root, "oracle", "truth", evaluate_after=True)}
-    write_json(root / ORACLE_METRICS, metrics)
+    if distributed.current().is_main:
+        write_json(root / ORACLE_METRICS, metrics)
     return metrics
 
 
