@@ -16,6 +16,7 @@ import torch
 import yaml
 from conftest import make_document, make_params
 from dvc_project import subprocess_env
+from test_faults import _kill_when
 from test_step3 import STEP3
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -122,10 +123,13 @@ def test_bf16_training_runs_and_never_resumes_an_fp32_checkpoint(project, mlflow
 
 # --- each stage under torchrun (2 gloo processes) against 1 process ---------------------------------------------
 
+def _torchrun_command(stage: str, root: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "wsss.cli", stage, "--root", str(root)]
+
+
 def _torchrun(stage: str, root: Path, env: dict) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "wsss.cli", stage, "--root", str(root)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(_torchrun_command(stage, root), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
 
 
@@ -166,6 +170,7 @@ def two_projects(tmp_path_factory, _migrated_store) -> tuple[Path, Path, dict]:
         _single(stage, single, env)
     parallel = folder / "parallel"
     shutil.copytree(single, parallel)
+    shutil.copytree(single, folder / "killed")
     return single, parallel, env
 
 
@@ -190,6 +195,18 @@ def test_each_stage_under_torchrun_matches_one_process(two_projects):
     assert abs(two["val_macro_f1"] - one["val_macro_f1"]) <= TOLERANCE["f1"], (one, two)
     assert _curve(parallel, "classifier")[0] == pytest.approx(_curve(single, "classifier")[0], rel=TOLERANCE["loss"])
     _adopt(single, parallel, "models/classifier", "metrics/classifier.json")
+
+    # torchrun killed (SIGKILL, every process) after the first epoch, run again: it resumes and ends as the uninterrupted run
+    killed = parallel.parent / "killed"
+    process = subprocess.Popen(_torchrun_command("train-classifier", killed), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    _kill_when(process, (killed / "checkpoints/classifier/last.pt").is_file)
+    assert not (killed / "metrics/classifier.json").exists()
+    _torchrun("train-classifier", killed, env)
+    assert _metrics(killed, "classifier") == two
+    resumed = mlflow.search_runs(experiment_names=["wsss"], filter_string="tags.`wsss.stage` = 'train_classifier'")
+    assert set(resumed["tags.wsss.resumed_from_epoch"]) - {"None"} <= {"2", "3"}  # continued, not restarted
+    assert len(set(resumed["tags.wsss.resumed_from_epoch"]) - {"None"}) == 1
 
     _single("cams", single, env)
     _torchrun("cams", parallel, env)
@@ -239,3 +256,17 @@ def test_each_stage_under_torchrun_matches_one_process(two_projects):
         assert per_stage[stage] == ["1", "2"], stage
     for folder in (parallel / "cams", parallel / "pseudo_masks", parallel):
         assert not list(folder.glob(".*.tmp-*")), f"a staging folder was left in {folder}"
+
+
+def test_dvc_starts_the_parallel_stages_with_the_launcher_of_params_yaml(tmp_path, mlflow_store):
+    from dvc.repo import Repo
+    from dvc_project import dvc_project
+
+    launcher = "torchrun --standalone --nproc_per_node 2"
+    root, _ = dvc_project(tmp_path, mlflow_store, {"compute.launcher": launcher})
+    with Repo(str(root)) as repo:  # dvc.yaml as DVC resolves it with this params.yaml
+        commands = {stage.name: stage.cmd for stage in repo.index.stages}
+    parallel = ("train_classifier", "cams", "ir_labels", "train_irnet", "pseudo_masks", "train_segmenter", "oracle")
+    for stage in parallel:
+        assert commands[stage] == f"{launcher} pipelines/{stage}.py"
+    assert all(command.startswith("python ") for stage, command in commands.items() if stage not in parallel)

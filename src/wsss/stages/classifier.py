@@ -28,8 +28,9 @@ _NOT_IN_FINGERPRINT = {"workers", "threads"}  # how fast, not what is computed
 
 
 def stage_params(params: Params) -> dict:
+    """Logged params: what the run computes (a resumed run may change workers and threads)."""
     return {"seed": params.seed, "data.drop_person_labels": params.data.drop_person_labels,
-            **flatten(params.classifier.model_dump(), "classifier.")}
+            **flatten(params.classifier.model_dump(exclude=_NOT_IN_FINGERPRINT), "classifier.")}
 
 
 def training_curve_figure(result: TrainResult):

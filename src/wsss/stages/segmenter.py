@@ -52,7 +52,8 @@ PAPER_TABLE1_TEST = {"miou": 0.3734, "mean_accuracy": 0.5487, "pixel_accuracy": 
 
 
 def _segmenter_params(params: Params) -> dict:
-    return {"seed": params.seed, **flatten(params.segmenter.model_dump(), "segmenter.")}
+    """Logged params: what the run computes (a resumed run may change workers and threads)."""
+    return {"seed": params.seed, **flatten(params.segmenter.model_dump(exclude=_NOT_IN_FINGERPRINT), "segmenter.")}
 
 
 def _paths(manifest: Manifest, records: list[ImageRecord], mask_of: Callable[[ImageRecord], Path]) -> tuple[list[Path], list[Path]]:
@@ -105,6 +106,7 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
         )
         model = build_segmenter(spec.encoder, spec.num_classes, spec.output_stride, spec.decoder_channels)
         model.load_state_dict(result.best_state)
+        model.to(distributed.current().device)
         model_path = root / (SEGMENTER_PATH if masks == "pseudo" else ORACLE_PATH)
         save_segmenter(model_path, model, spec, extra={"trained_on": masks, "best_epoch": result.best_epoch})
         curve = [{"epoch": r.epoch, "loss": f"{r.loss:.6f}", "val_miou": f"{r.val_miou:.6f}", "lr": f"{r.lr:.6g}"} for r in result.history]
@@ -212,6 +214,7 @@ def run_evaluate(params: Params, root: Path) -> dict:
     import mlflow
 
     model, spec = load_segmenter(root / SEGMENTER_PATH)
+    model.to(distributed.current().device)
     manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("val", "test")}
     names = manifests["val"].class_names
     hashes = tracking.input_hashes({"segmenter": root / SEGMENTER_PATH, "splits": root / SPLITS_DIR})
