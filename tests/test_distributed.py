@@ -87,6 +87,7 @@ def test_a_single_process_needs_no_process_group(monkeypatch):
 
 @pytest.mark.parametrize(("overrides", "environment", "key"), [
     ({"compute.launcher": "bash -c 'rm -rf /'"}, {}, "compute.launcher"),
+    ({"compute.launcher": "python && rm -rf ~"}, {}, "compute.launcher"),
     ({"compute.precision": "fp64"}, {}, "compute.precision"),
     ({"compute.precision": "fp16", "compute.device": "cpu"}, {}, "compute.precision"),
     ({"compute.batchnorm": "sync", "compute.device": "cpu"}, {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "compute.batchnorm"),
@@ -98,6 +99,15 @@ def test_bad_compute_settings_name_their_key(overrides, environment, key, monkey
         distributed.init(validate_params(make_document(overrides)).compute)
     assert key in str(error.value)
     assert not torch.distributed.is_initialized()  # refused before joining any process group
+
+
+def test_global_batches_that_leave_a_process_fewer_than_two_samples_are_refused():
+    context = Context(rank=0, world_size=2)
+    distributed.check_batch_sizes({"classifier.batch_size": 8, "irnet.batch_size": 4}, context)
+    with pytest.raises(ConfigError) as error:
+        distributed.check_batch_sizes({"classifier.batch_size": 8, "irnet.batch_size": 3, "segmenter.batch_size": 2}, context)
+    assert [key for key, _ in error.value.problems] == ["irnet.batch_size", "segmenter.batch_size"]
+    distributed.check_batch_sizes({"segmenter.batch_size": 3}, Context())  # one process: anything goes
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
@@ -205,7 +215,8 @@ def test_each_stage_under_torchrun_matches_one_process(two_projects):
     _torchrun("train-classifier", killed, env)
     assert _metrics(killed, "classifier") == two
     resumed = mlflow.search_runs(experiment_names=["wsss"], filter_string="tags.`wsss.stage` = 'train_classifier'")
-    assert set(resumed["tags.wsss.resumed_from_epoch"]) - {"None"} <= {"2", "3"}  # continued, not restarted
+    # continued, not restarted (from epoch 4 = after the last: the kill came between the last checkpoint and the outputs)
+    assert set(resumed["tags.wsss.resumed_from_epoch"]) - {"None"} <= {"2", "3", "4"}
     assert len(set(resumed["tags.wsss.resumed_from_epoch"]) - {"None"}) == 1
 
     _single("cams", single, env)
@@ -249,11 +260,17 @@ def test_each_stage_under_torchrun_matches_one_process(two_projects):
     assert abs(two["best_val_miou"] - one["best_val_miou"]) <= TOLERANCE["miou"], (one, two)
     assert _curve(parallel, "segmenter") == pytest.approx(_curve(single, "segmenter"), rel=TOLERANCE["loss"])
 
+    # a stage that does not share its work refuses to run under torchrun, naming the launcher
+    done = subprocess.run(_torchrun_command("evaluate", parallel), env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "compute.launcher: evaluate runs as one process" in done.stderr
+    assert not (parallel / "metrics/evaluate.json").exists()
+
     # one MLflow run per stage execution, from rank 0, that says how it ran
     runs = mlflow.search_runs(experiment_names=["wsss"])
     per_stage = runs.groupby("tags.wsss.stage")["tags.wsss.processes"].apply(sorted).to_dict()
-    for stage in ("train_classifier", "cams", "ir_labels", "train_irnet", "pseudo_masks", "train_segmenter"):
+    for stage in ("cams", "ir_labels", "train_irnet", "pseudo_masks", "train_segmenter"):
         assert per_stage[stage] == ["1", "2"], stage
+    assert per_stage["train_classifier"][0] == "1" and set(per_stage["train_classifier"][1:]) == {"2"}  # + the killed copy's
     for folder in (parallel / "cams", parallel / "pseudo_masks", parallel):
         assert not list(folder.glob(".*.tmp-*")), f"a staging folder was left in {folder}"
 

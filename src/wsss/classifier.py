@@ -166,6 +166,7 @@ def train_classifier(
     val_loader = DataLoader(Subset(val_set, val_span) if context.distributed else val_set, batch_size=config.batch_size,
                             num_workers=config.workers)
     loss_fn = nn.BCEWithLogitsLoss()
+    distributed.check_resume_agrees(start_epoch, checkpoint_dir, context)
     trained = distributed.wrap_model(model, context)
 
     for epoch in range(start_epoch, config.epochs + 1):
@@ -173,7 +174,7 @@ def train_classifier(
         checkpoint.seed_everything(epoch_seed)
         train_set.epoch = epoch
         loader = distributed.training_loader(train_set, config.batch_size, len(train_set) > config.batch_size, epoch_seed,
-                                             config.workers, context)
+                                             config.workers, context, key="classifier.batch_size")
         trained.train()
         total, seen = 0.0, 0
         for images, targets in tqdm(loader, desc=f"classifier epoch {epoch}/{config.epochs}", unit="batch", leave=False,
@@ -187,6 +188,7 @@ def train_classifier(
         lr = optimizer.param_groups[1]["lr"]
         scheduler.step()
 
+        distributed.sync_buffers(model, context)  # val scores the weights that rank 0 saves
         if len(val_span):
             probabilities, targets = predict_probabilities(model, val_loader, device)
         else:  # fewer val images than processes

@@ -13,6 +13,8 @@ from pathlib import Path
 from wsss.errors import WsssError
 
 EXIT_USER_ERROR = 2
+# the stages that share their work among torchrun's processes (dvc.yaml starts them with compute.launcher)
+PARALLEL_STAGES = ("train-classifier", "cams", "ir-labels", "train-irnet", "pseudo-masks", "train-segmenter", "oracle")
 
 
 def _stage_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -104,10 +106,15 @@ def _run(args: argparse.Namespace) -> None:
         return
 
     from wsss import distributed
+    from wsss.errors import ConfigError
     from wsss.stages import ABLATION_STAGES, STAGES
 
-    distributed.init(params.compute)  # joins torchrun's process group when started by it
+    context = distributed.init(params.compute)  # joins torchrun's process group when started by it
     try:
+        if context.distributed and args.command not in PARALLEL_STAGES:
+            raise ConfigError(params_path, [("compute.launcher", f"{args.command} runs as one process: start it with python")])
+        distributed.check_batch_sizes({"classifier.batch_size": params.classifier.batch_size, "irnet.batch_size": params.irnet.batch_size,
+                                       "segmenter.batch_size": params.segmenter.batch_size}, context)
         if args.command in ABLATION_STAGES:
             ABLATION_STAGES[args.command](params, root, args)
             return

@@ -11,6 +11,7 @@ The same schema validates the CPU default (``params.yaml``) and the paper profil
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -372,9 +373,9 @@ class ComputeParams(_Group):
 
     @model_validator(mode="after")
     def _known_launcher(self) -> ComputeParams:
-        program = self.launcher.split()[0] if self.launcher.split() else ""
-        if program not in {"python", "python3", "torchrun"}:
-            raise ValueError(f"launcher: expected 'python' or a 'torchrun ...' command, got {self.launcher!r}")
+        # a program and its options, nothing a shell would read as another command
+        if not re.fullmatch(r"(python3?|torchrun)( [A-Za-z0-9_=.:/-]+)*", self.launcher):
+            raise ValueError(f"launcher: expected 'python' or 'torchrun' and its options, got {self.launcher!r}")
         return self
 
 

@@ -111,6 +111,9 @@ def init(compute=None) -> Context:
     local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
     device = select_device(device_name, local_rank)
     problems = []
+    if device.type == "cuda" and local_world_size > torch.cuda.device_count():
+        problems.append(("compute.launcher", f"{local_world_size} processes on this machine but {torch.cuda.device_count()} "
+                                             "GPU(s): start at most one process per GPU"))
     if precision == "fp16" and device.type != "cuda":
         problems.append(("compute.precision", "fp16 needs CUDA; on a CPU use bf16 or fp32"))
     if batchnorm == "sync" and world_size > 1 and device.type != "cuda":
@@ -219,6 +222,44 @@ def broadcast_bytes(data: bytes, source: int = 0, context: Context | None = None
     return buffer.cpu().numpy().tobytes()
 
 
+def sync_buffers(model: nn.Module, context: Context | None = None) -> None:
+    """Give every process rank 0's buffers (BatchNorm statistics): after the last training step each
+    process has updated them with its own slice, and val must score the weights rank 0 saves."""
+    context = context or current()
+    if not context.distributed:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
+def same_on_every_rank(text: str, context: Context | None = None) -> bool:
+    """Whether every process holds the same ``text`` (e.g. the epoch it resumes from); all get the answer."""
+    context = context or current()
+    if not context.distributed:
+        return True
+    reference = broadcast_bytes(text.encode(), 0, context).decode()
+    return int(all_reduce_sum(np.array([int(reference != text)], dtype=np.int64), context)[0]) == 0
+
+
+def check_resume_agrees(start_epoch: int, checkpoint_dir: Path, context: Context | None = None) -> None:
+    """Every process must resume from the same epoch (else their batches and collectives part ways)."""
+    if not same_on_every_rank(str(start_epoch), context):
+        raise RuntimeError(f"the processes read different checkpoints in {checkpoint_dir}: on several machines, "
+                           "checkpoints/ must be on storage that every node shares")
+
+
+def check_batch_sizes(batch_sizes: dict[str, int], context: Context | None = None) -> None:
+    """Each global batch must split evenly into slices of 2 or more (BatchNorm needs 2 samples per process)."""
+    context = context or current()
+    if not context.distributed:
+        return
+    world = context.world_size
+    problems = [(key, f"the global batch {size} must be a multiple of the {world} processes, with at least 2 samples each")
+                for key, size in batch_sizes.items() if size % world or size // world < 2]
+    if problems:
+        raise ConfigError(PARAMS_SOURCE, problems)
+
+
 def _collective_device(context: Context) -> torch.device:
     return context.device if context.device.type == "cuda" else torch.device("cpu")
 
@@ -253,10 +294,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
     The permutation comes from ``generator``, which must also be the DataLoader's: the loader
     draws its base seed from it first, as it does with ``shuffle=True``."""
 
-    def __init__(self, size: int, batch_size: int, drop_last: bool, generator: torch.Generator, rank: int = 0, world_size: int = 1):
+    def __init__(self, size: int, batch_size: int, drop_last: bool, generator: torch.Generator, rank: int = 0, world_size: int = 1,
+                 key: str = "batch_size"):
         if batch_size % world_size:
-            raise ConfigError(PARAMS_SOURCE, [("batch_size", f"the global batch {batch_size} must be a multiple of "
-                                                             f"the {world_size} processes")])
+            raise ConfigError(PARAMS_SOURCE, [(key, f"the global batch {batch_size} must be a multiple of the {world_size} processes")])
         if size < world_size:
             raise ValueError(f"{size} training samples cannot be shared by {world_size} processes")
         self.size, self.batch_size, self.drop_last = size, batch_size, drop_last
@@ -284,7 +325,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 
 def training_loader(dataset: Dataset, batch_size: int, drop_last: bool, seed: int, workers: int,
-                    context: Context | None = None) -> DataLoader:
+                    context: Context | None = None, key: str = "batch_size") -> DataLoader:
     """One epoch's shuffled loader, seeded by ``seed``: in a single process the plain shuffled
     DataLoader, across processes this process's slices of the same global batches."""
     context = context or current()
@@ -292,7 +333,7 @@ def training_loader(dataset: Dataset, batch_size: int, drop_last: bool, seed: in
     if not context.distributed:
         return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=generator,
                           num_workers=workers)
-    sampler = GlobalBatchSampler(len(dataset), batch_size, drop_last, generator, context.rank, context.world_size)
+    sampler = GlobalBatchSampler(len(dataset), batch_size, drop_last, generator, context.rank, context.world_size, key)
     return DataLoader(dataset, batch_sampler=sampler, generator=generator, num_workers=workers)
 
 

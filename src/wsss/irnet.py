@@ -143,13 +143,15 @@ def train_irnet(
     if state is not None and scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
 
+    distributed.check_resume_agrees(start_epoch, checkpoint_dir, context)
     trained = distributed.wrap_model(model, context)
     losses: dict[str, float] = history[-1] if history else {}
     for epoch in range(start_epoch, config.epochs + 1):
         epoch_seed = checkpoint.derive_seed(params.seed, epoch)
         checkpoint.seed_everything(epoch_seed)
         dataset.epoch = epoch
-        loader = distributed.training_loader(dataset, config.batch_size, True, epoch_seed, config.workers, context)
+        loader = distributed.training_loader(dataset, config.batch_size, True, epoch_seed, config.workers, context,
+                                             key="irnet.batch_size")
         trained.train()
         for images, labels in tqdm(loader, desc=f"irnet epoch {epoch}/{config.epochs}", unit="batch", leave=False,
                                    disable=not context.is_main):

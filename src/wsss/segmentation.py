@@ -245,13 +245,15 @@ def train_segmenter(
         scaler.load_state_dict(state["scaler"])
 
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    distributed.check_resume_agrees(start_epoch, checkpoint_dir, context)
     trained = distributed.wrap_model(model, context)
     val_share = distributed.shard_range(len(val_images), context)
     for epoch in range(start_epoch, config.epochs + 1):
         epoch_seed = checkpoint.derive_seed(seed, epoch)
         checkpoint.seed_everything(epoch_seed)
         train_set.epoch = epoch
-        loader = distributed.training_loader(train_set, config.batch_size, drop_last, epoch_seed, config.workers, context)
+        loader = distributed.training_loader(train_set, config.batch_size, drop_last, epoch_seed, config.workers, context,
+                                             key="segmenter.batch_size")
         trained.train()
         total, seen, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
         for images, masks in tqdm(loader, desc=f"{desc} epoch {epoch}/{config.epochs}", unit="batch", leave=False,
@@ -267,6 +269,7 @@ def train_segmenter(
             total += float(loss.detach()) * len(images)
             seen += len(images)
 
+        distributed.sync_buffers(model, context)  # val scores the weights that rank 0 saves
         matrix = validation_matrix(model, val_images[val_share.start : val_share.stop], val_masks[val_share.start : val_share.stop],
                                    spec.num_classes, config.batch_size)
         scores = segmentation_scores(distributed.all_reduce_sum(matrix, context))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from wsss import checkpoint, tracking
+from wsss import checkpoint, distributed, tracking
 from wsss.config import IrnetParams, Params, flatten
 from wsss.errors import ConfigError
 from wsss.io import atomic_dir, write_json
@@ -80,7 +80,8 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
     config = params.segmenter.model_copy(update={"encoder": encoder})
     name = cell_name(encoder, threshold, person)
     hashes = tracking.input_hashes({"masks": root / masks_dir / "train", "prepared": root / PREPARED_DIR, "splits": root / SPLITS_DIR})
-    run_fingerprint = checkpoint.fingerprint(config.model_dump(exclude=_NOT_IN_FINGERPRINT), params.seed, hashes)
+    run_fingerprint = checkpoint.fingerprint(config.model_dump(exclude=_NOT_IN_FINGERPRINT), params.seed, hashes,
+                                             *distributed.precision_fingerprint())
     checkpoint_dir = root / "checkpoints/ablation" / name
     previous = checkpoint.load_if_compatible(checkpoint_dir / "last.pt", run_fingerprint)
     spec = SegmenterSpec(encoder, train.num_classes, config.output_stride, config.decoder_channels, tuple(train.class_names))

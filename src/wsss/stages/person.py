@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsss import checkpoint, tracking
+from wsss import checkpoint, distributed, tracking
 from wsss.cam import load_cams
 from wsss.cam_inference import compute_cams
 from wsss.classifier import BEST, LAST, train_classifier
@@ -58,7 +58,8 @@ def run_person_classifier(params: Params, root: Path) -> dict:
     # the step-1 training loop, on the binary view: its one class is the person
     binary_params = params.model_copy(update={"classifier": config, "data": params.data.model_copy(update={"drop_person_labels": False})})
     hashes = tracking.input_hashes({"splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
-    run_fingerprint = checkpoint.fingerprint(config.model_dump(exclude=_NOT_IN_FINGERPRINT), params.seed, "person", hashes)
+    run_fingerprint = checkpoint.fingerprint(config.model_dump(exclude=_NOT_IN_FINGERPRINT), params.seed, "person", hashes,
+                                             *distributed.precision_fingerprint())
     previous = checkpoint.load_if_compatible(root / PERSON_CHECKPOINTS / LAST, run_fingerprint)
     logged = {"seed": params.seed, **flatten(config.model_dump(exclude=_NOT_IN_FINGERPRINT), "classifier."),
               **flatten(params.person.model_dump(), "person.")}

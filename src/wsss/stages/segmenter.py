@@ -106,7 +106,6 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
         )
         model = build_segmenter(spec.encoder, spec.num_classes, spec.output_stride, spec.decoder_channels)
         model.load_state_dict(result.best_state)
-        model.to(distributed.current().device)
         model_path = root / (SEGMENTER_PATH if masks == "pseudo" else ORACLE_PATH)
         save_segmenter(model_path, model, spec, extra={"trained_on": masks, "best_epoch": result.best_epoch})
         curve = [{"epoch": r.epoch, "loss": f"{r.loss:.6f}", "val_miou": f"{r.val_miou:.6f}", "lr": f"{r.lr:.6g}"} for r in result.history]
@@ -117,7 +116,7 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
         mlflow.log_metrics({"best_val_miou": result.best_miou, "best_epoch": result.best_epoch})
         if evaluate_after:
             manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("val", "test")}
-            scores, _, _ = evaluate_model(model, manifests, params.evaluate.tta_scales)
+            scores, _, _ = evaluate_model(model.to(distributed.current().device), manifests, params.evaluate.tta_scales)
             metrics.update(scores)
             mlflow.log_param("evaluate.tta_scales", params.evaluate.tta_scales)
             mlflow.log_metrics({f"{split}_{mode}_miou": scores[split][mode]["miou"] for split in manifests for mode in ("plain", "tta")})
@@ -165,9 +164,10 @@ def run_oracle(params: Params, root: Path) -> dict:
     if missing:
         # LID's training images have no masks: the upper bound cannot be measured on it.
         metrics = {"available": False, "reason": f"{missing} of {len(train.records)} training images have no ground-truth mask"}
-        (root / ORACLE_PATH.parent).mkdir(parents=True, exist_ok=True)
-        (root / ORACLE_PATH.parent / "UNAVAILABLE.txt").write_text(metrics["reason"] + "\n")
-        write_json(root / ORACLE_METRICS, metrics)
+        if distributed.current().is_main:
+            (root / ORACLE_PATH.parent).mkdir(parents=True, exist_ok=True)
+            (root / ORACLE_PATH.parent / "UNAVAILABLE.txt").write_text(metrics["reason"] + "\n")
+            write_json(root / ORACLE_METRICS, metrics)
         return metrics
     metrics = {"available": True, **_train_stage(params, root, "oracle", "truth", evaluate_after=True)}
     if distributed.current().is_main:
