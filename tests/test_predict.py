@@ -107,3 +107,13 @@ def test_a_bad_model_or_input_exits_2_naming_it(tmp_path, model_file, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(["--model", str(model_file), str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--tta-scales", "0"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_device_cuda_without_cuda_exits_2_naming_the_option_and_cpu_works(tmp_path, model_file, capsys):
+    random_image(tmp_path / "a.png", 16, 16)
+    assert run(["--model", str(model_file), str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--device", "cuda"]) == 2
+    assert "--device: cuda is requested but torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert run(["--model", str(model_file), str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--device", "cpu", "--no-tta"]) == 0
+    assert (tmp_path / "out/a.png").is_file()

@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     tta.add_argument("--no-tta", action="store_true", help="one forward pass per image, no flip or scale averaging")
     tta.add_argument("--tta-scales", nargs="+", type=_positive_float, default=list(DEFAULT_TTA_SCALES), metavar="SCALE",
                      help="test-time scales, each with its mirror (default: 0.5 1 2)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto (default): CUDA when present, else the CPU")
     return parser
 
 
@@ -110,17 +112,23 @@ def output_names(files: list[Path]) -> list[str | None]:
     return unique
 
 
-def run_predict(model_path: Path, inputs: list[Path], out_dir: Path, tta_scales: list[float] | None) -> PredictReport:
-    """Segment ``inputs`` (files) into ``out_dir``; unreadable files are reported, not fatal."""
+def run_predict(model_path: Path, inputs: list[Path], out_dir: Path, tta_scales: list[float] | None,
+                device: str = "auto") -> PredictReport:
+    """Segment ``inputs`` (files) into ``out_dir`` on ``device`` (auto | cpu | cuda); unreadable
+    files are reported, not fatal."""
     import torch
 
+    from wsss.distributed import select_device
+    from wsss.errors import ConfigError
     from wsss.io import read_image, write_image_png, write_mask_png
     from wsss.models.segmenter import load_segmenter
     from wsss.tta import predict_labels
     from wsss.visualize import overlay
 
     model, _ = load_segmenter(Path(model_path))
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("command line", [("--device", "cuda is requested but torch sees no CUDA device")])
+    model.to(select_device(device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
@@ -159,7 +167,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     """Run ``wsss predict`` from parsed arguments; returns the exit status."""
     try:
         files = collect_inputs(list(args.inputs))
-        report = run_predict(args.model, files, args.out, None if args.no_tta else list(args.tta_scales))
+        report = run_predict(args.model, files, args.out, None if args.no_tta else list(args.tta_scales), args.device)
     except WsssError as error:
         print(f"wsss predict: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
