@@ -2,10 +2,10 @@
 
     python benchmarks/distributed.py [--processes 2] [--epochs 2]
 
-Runs in a scratch copy of this project's ``data/prepared`` and ``data/splits`` (run ``dvc repro
-split`` first) with params.yaml, the training stages shortened to ``--epochs``. Both runs of a
-stage read the same inputs (the single-process outputs of the stages before it), so the table
-compares like with like: wall time (interpreter start included) and the stage's headline number.
+Runs in two scratch copies of this project's pipeline outputs (run ``dvc repro`` first) with
+params.yaml, the training stages shortened to ``--epochs``. Every stage reads this project's own
+outputs of the stages before it, in both copies, so the table compares like with like: wall time
+(interpreter start included) and the stage's headline number.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ def main() -> None:
         scratch = Path(scratch)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}"}
         roots = {1: scratch / "one", args.processes: scratch / "many"}
+        inputs = ["data/prepared", "data/splits", *(output for _, outputs, _, _ in STAGES for output in outputs)]
         for root in roots.values():
-            for folder in ("data/prepared", "data/splits"):
+            for folder in inputs:
                 shutil.copytree(REPO / folder, root / folder)
             (root / "params.yaml").write_text(yaml.safe_dump(params))
             (root / "dvc.yaml").write_text("stages: {}\n")
@@ -78,10 +79,10 @@ def main() -> None:
             values = {n: headline(root, metrics, keys) for n, root in roots.items()}
             print(f"| {stage} | {seconds[1]:.1f} | {seconds[args.processes]:.1f} | {seconds[1] / seconds[args.processes]:.2f} | "
                   f"{'.'.join(keys)} {values[1]:.4f} | {values[args.processes]:.4f} |", flush=True)
-            for output in outputs:  # the next stage reads the same inputs in both copies
-                target = roots[args.processes] / output
-                shutil.rmtree(target, ignore_errors=True)
-                shutil.copytree(roots[1] / output, target)
+            for root in roots.values():  # the next stages read this project's outputs, not the shortened ones
+                for output in outputs:
+                    shutil.rmtree(root / output)
+                    shutil.copytree(REPO / output, root / output)
 
 
 if __name__ == "__main__":
