@@ -351,11 +351,6 @@ def wrap_model(model: nn.Module, context: Context | None = None) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP (its state dict has the keys of a single-process model)."""
-    return getattr(model, "module", model)
-
-
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
     """Backward and step (through the fp16 loss scaler when there is one)."""
     optimizer.zero_grad(set_to_none=True)
