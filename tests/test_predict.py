@@ -24,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def model_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    model = build_segmenter("resnet18", NUM_CLASSES, decoder_channels=16)
-    save_segmenter(path, model, SegmenterSpec("resnet18", NUM_CLASSES, 16, 16, ("background", "a", "b")))
+    spec = SegmenterSpec("resnet18", NUM_CLASSES, 16, 16, ("background", "a", "b"))
+    save_segmenter(path, build_segmenter(spec), spec)
     return path
 
 

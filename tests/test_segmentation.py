@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from wsss import checkpoint
 from wsss.config import SegmenterParams
 from wsss.errors import ConfigError, DataError
 from wsss.io import IGNORE_INDEX, write_image_png, write_mask_png
+from wsss.models.classifier import CamClassifier, build_classifier, classifier_state
 from wsss.models.segmenter import SegmenterSpec, build_segmenter, load_segmenter, padded_forward, save_segmenter
 from wsss.segmentation import LAST, SegmentationDataset, evaluate_segmenter, train_segmenter
 from wsss.tta import predict_labels, tta_logits
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_segmenter(output_stride: int = 16, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return build_segmenter("resnet18", NUM_CLASSES, output_stride=output_stride, decoder_channels=16)
+    return build_segmenter(SegmenterSpec("resnet18", NUM_CLASSES, output_stride, decoder_channels=16))
 
 
 def write_pairs(folder: Path, count: int, height: int, width: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -68,16 +70,16 @@ def test_encoder_weights_from_a_local_file(tmp_path):
     torch.save({"state_dict": source.encoder.state_dict()}, tmp_path / "wrapped.pth")
     for name in ("encoder.pth", "wrapped.pth"):
         torch.manual_seed(2)
-        model = build_segmenter("resnet18", NUM_CLASSES, decoder_channels=16, encoder_weights=str(tmp_path / name))
+        model = build_segmenter(SegmenterSpec("resnet18", NUM_CLASSES, decoder_channels=16), encoder_weights=str(tmp_path / name))
         assert torch.equal(model.encoder.conv1.weight, source.encoder.conv1.weight)
         assert torch.equal(model.encoder.layer4[1].bn2.running_var, source.encoder.layer4[1].bn2.running_var)
 
     (tmp_path / "garbage.pth").write_bytes(b"not a state dict")
-    resnet34 = build_segmenter("resnet34", NUM_CLASSES, decoder_channels=16)
+    resnet34 = build_segmenter(SegmenterSpec("resnet34", NUM_CLASSES, decoder_channels=16))
     torch.save(resnet34.encoder.state_dict(), tmp_path / "resnet34.pth")
     for name in ("missing.pth", "garbage.pth", "resnet34.pth"):
         with pytest.raises(ConfigError, match=f"segmenter.encoder_weights: .*{name}"):
-            build_segmenter("resnet18", NUM_CLASSES, decoder_channels=16, encoder_weights=str(tmp_path / name))
+            build_segmenter(SegmenterSpec("resnet18", NUM_CLASSES, decoder_channels=16), encoder_weights=str(tmp_path / name))
 
 
 def test_imagenet_weights_come_from_smp_and_a_failed_download_is_a_config_error(monkeypatch):
@@ -91,7 +93,7 @@ def test_imagenet_weights_come_from_smp_and_a_failed_download_is_a_config_error(
         return real_get_encoder(name, weights=None, output_stride=output_stride)
 
     monkeypatch.setattr(smp.encoders, "get_encoder", offline_hub)
-    model = build_segmenter("resnet18", NUM_CLASSES, decoder_channels=16, encoder_weights="imagenet")
+    model = build_segmenter(SegmenterSpec("resnet18", NUM_CLASSES, decoder_channels=16), encoder_weights="imagenet")
     torch.manual_seed(7)
     assert torch.equal(model.encoder.conv1.weight, real_get_encoder("resnet18").conv1.weight)
 
@@ -100,12 +102,66 @@ def test_imagenet_weights_come_from_smp_and_a_failed_download_is_a_config_error(
 
     monkeypatch.setattr(smp.encoders, "get_encoder", no_network)
     with pytest.raises(ConfigError, match="segmenter.encoder_weights: cannot get ImageNet weights.*no network"):
-        build_segmenter("resnet18", NUM_CLASSES, decoder_channels=16, encoder_weights="imagenet")
+        build_segmenter(SegmenterSpec("resnet18", NUM_CLASSES, decoder_channels=16), encoder_weights="imagenet")
+
+
+def _classifier_file(path: Path, arch: str = "small_cnn", extra_convs: int = 1, seed: int = 3) -> CamClassifier:
+    torch.manual_seed(seed)
+    classifier = build_classifier(arch, 2, extra_convs)
+    with torch.no_grad():  # BatchNorm statistics that differ from a fresh network's
+        for module in classifier.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+    checkpoint.save(path, classifier_state(classifier.state_dict(), arch, extra_convs, [1, 2], ("background", "square", "bar"), 32))
+    return classifier
+
+
+def classifier_spec(extra_convs: int = 1, arch: str = "small_cnn") -> SegmenterSpec:
+    return SegmenterSpec("classifier", NUM_CLASSES, 8, 16, ("background", "square", "bar"), (1, 2, 3), arch, extra_convs)
+
+
+def test_the_classifier_encoder_starts_from_the_step1_network(tmp_path):
+    classifier = _classifier_file(tmp_path / "classifier.pt")
+    model = build_segmenter(classifier_spec(), encoder_weights=str(tmp_path / "classifier.pt")).eval()
+    encoder_state = model.encoder.state_dict()
+    classifier_tensors = {**classifier.backbone.state_dict(), **{f"extra.{k}": v for k, v in classifier.extra.state_dict().items()}}
+    assert sum(t.numel() for t in encoder_state.values()) == sum(t.numel() for t in classifier_tensors.values())
+    for encoder_tensor, classifier_tensor in zip(encoder_state.values(), classifier_tensors.values(), strict=True):
+        assert torch.equal(encoder_tensor, classifier_tensor)
+    assert model.encoder.output_stride == 8
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 48)).shape == (2, NUM_CLASSES, 32, 48)
+        assert padded_forward(model, torch.zeros(1, 3, 30, 37)).shape == (1, NUM_CLASSES, 30, 37)
+    # low-level features at stride 4 and the ASPP's input at stride 8, for both step-1 networks
+    for arch, low_channels, high_channels in (("small_cnn", 64, 256), ("vgg16_bn_d1", 128, 512)):
+        features = build_segmenter(classifier_spec(arch=arch)).encoder(torch.zeros(1, 3, 32, 32))
+        assert features[2].shape[1:] == (low_channels, 8, 8) and features[-1].shape[1:] == (high_channels, 4, 4)
+
+
+def test_the_classifier_encoder_refuses_another_network_or_stride(tmp_path):
+    _classifier_file(tmp_path / "classifier.pt", extra_convs=2)
+    with pytest.raises(ConfigError, match="segmenter.encoder: .*classifier.pt is a small_cnn with 2 extra convs.*with 1"):
+        build_segmenter(classifier_spec(extra_convs=1), encoder_weights=str(tmp_path / "classifier.pt"))
+    with pytest.raises(ConfigError, match="segmenter.output_stride: the classifier encoder has output stride 8, not 16"):
+        build_segmenter(replace(classifier_spec(), output_stride=16))
+
+
+def test_a_classifier_encoder_model_file_rebuilds_without_the_classifier(tmp_path):
+    _classifier_file(tmp_path / "classifier.pt")
+    spec = classifier_spec()
+    model = build_segmenter(spec, encoder_weights=str(tmp_path / "classifier.pt"))
+    save_segmenter(tmp_path / "model.pt", model, spec)
+    (tmp_path / "classifier.pt").unlink()
+    loaded, loaded_spec = load_segmenter(tmp_path / "model.pt")
+    assert loaded_spec == spec
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model.eval()(images))
 
 
 def test_an_unknown_encoder_is_a_config_error():
     with pytest.raises(ConfigError, match="segmenter.encoder: unknown encoder 'resnet19'.*resnet50"):
-        build_segmenter("resnet19", NUM_CLASSES)
+        build_segmenter(SegmenterSpec("resnet19", NUM_CLASSES))
 
 
 def test_model_file_round_trip_and_bogus_files(tmp_path):

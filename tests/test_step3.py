@@ -12,6 +12,7 @@ import yaml
 from conftest import make_document
 from test_step1 import STEP2
 
+from wsss import tracking
 from wsss.cli import main
 from wsss.data.manifest import load_manifest
 from wsss.io import read_mask
@@ -42,6 +43,7 @@ def test_step3_stages_train_evaluate_and_report(step2_project):
 
     model, spec = load_segmenter(root / "models/segmenter/model.pt")
     assert spec.num_classes == 8 and spec.decoder_channels == 16
+    assert (spec.encoder, spec.classifier_arch, spec.output_stride) == ("classifier", "small_cnn", 8)  # the CPU default
     segmenter = json.loads((root / "metrics/segmenter.json").read_text())
     assert segmenter["trained_on"] == "pseudo masks" and 1 <= segmenter["best_epoch"] <= 2
     assert [int(r["epoch"]) for r in _rows(root / "plots/segmenter/training.csv")] == [1, 2]
@@ -73,11 +75,13 @@ def test_step3_stages_train_evaluate_and_report(step2_project):
     stages = list(runs["tags.wsss.stage"])
     assert stages[-4:] == ["train_segmenter", "oracle", "evaluate", "pipeline"]  # one run per stage
     pipeline = runs.iloc[-1]
-    assert pipeline["params.segmenter.encoder"] == "resnet18" and pipeline["params.irnet.background"] == "walk"
+    assert pipeline["params.segmenter.encoder"] == "classifier" and pipeline["params.irnet.background"] == "walk"
     assert pipeline["metrics.evaluate.test.tta.miou"] == pytest.approx(evaluate["test"]["tta"]["miou"])
     assert pipeline["metrics.pseudo_masks.val.miou"] == pytest.approx(json.loads((root / "metrics/pseudo_masks.json").read_text())["val"]["miou"])
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(runs.iloc[-4]["run_id"], "val_miou")) == 2  # per epoch
+    for run in (runs.iloc[-4], runs.iloc[-3]):  # the classifier encoder's weights are a lineage input of both
+        assert run["tags.wsss.input.classifier"] == tracking.input_hashes({"c": root / "models/classifier/model.pt"})["c"]
     assert runs.iloc[-3]["metrics.test_tta_miou"] == pytest.approx(oracle["test"]["tta"]["miou"])
     assert {"figure2.png", "confusion_matrix.png"} <= {a.path for a in client.list_artifacts(runs.iloc[-2]["run_id"])}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from wsss.errors import ConfigError
 
@@ -245,10 +245,12 @@ class SegmenterParams(_Group):
     """Step 3: DeepLabv3+ (segmentation-models-pytorch) trained on the pseudo masks; the
     ``oracle`` stage trains the same network with the same budget on ground-truth masks."""
 
-    encoder: str = Field(min_length=1)  # any smp encoder name: resnet50 (paper), resnet101, resnet18, ...
+    encoder: str = Field(min_length=1)  # any smp encoder name: resnet50 (paper), resnet101, resnet18, ...;
+    # or classifier: the trained step-1 network (classifier group), output stride 8
     encoder_weights: str = "none"  # none | imagenet | path to a local state dict of the encoder
     output_stride: Literal[8, 16] = 16  # dilation instead of stride in the last stage(s)
     decoder_channels: int = Field(256, ge=8)  # DeepLabv3+ decoder / ASPP width (smp and paper: 256)
+    atrous_rates: tuple[PositiveInt, PositiveInt, PositiveInt] = (12, 24, 36)  # the ASPP's dilations (smp's)
     image_size: int = Field(ge=16)  # training side; images and masks are resized to it
     batch_size: int = Field(ge=2)  # the ASPP's image pooling has BatchNorm over one value per image
     epochs: int = Field(ge=1)
@@ -268,6 +270,16 @@ class SegmenterParams(_Group):
         low, high = self.scale_range
         if not 0 < low <= high:
             raise ValueError(f"scale_range: needs 0 < min <= max, got {list(self.scale_range)}")
+        return self
+
+    @model_validator(mode="after")
+    def _classifier_encoder(self) -> SegmenterParams:
+        if self.encoder == "classifier":
+            if self.encoder_weights != "none":
+                raise ValueError("encoder_weights: the classifier encoder starts from the step-1 network's "
+                                 f"weights (models/classifier/model.pt); set none, not {self.encoder_weights!r}")
+            if self.output_stride != 8:
+                raise ValueError(f"output_stride: the classifier encoder has output stride 8, not {self.output_stride}")
         return self
 
 

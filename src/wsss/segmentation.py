@@ -219,7 +219,7 @@ def train_segmenter(
     torch.set_num_threads(context.cpu_threads(config.threads))
     device = context.device
     checkpoint.seed_everything(seed)
-    model = build_segmenter(spec.encoder, spec.num_classes, spec.output_stride, spec.decoder_channels, encoder_weights)
+    model = build_segmenter(spec, encoder_weights)
     model.to(device)
     groups = parameter_groups(model)
     head_lr = config.lr * config.lr_head_factor

@@ -290,8 +290,8 @@ class TrialEvaluator:
 
     def final_miou(self, params: Params, trial_dir: Path, report=None) -> float:
         """Best val mIoU of DeepLabv3+ trained on this trial's pseudo masks of the training images."""
-        from wsss.models.segmenter import SegmenterSpec
         from wsss.segmentation import SegmentationDataset, train_segmenter
+        from wsss.stages.segmenter import encoder_inputs, segmenter_spec
 
         key, model = self.irnet(params)
         masks_dir = trial_dir / "pseudo_masks"
@@ -300,8 +300,8 @@ class TrialEvaluator:
         for item in pseudo_masks(model, self.train, self.root / CAMS_DIR / "train", params, desc="sweep pseudo masks"):
             write_mask_png(masks_dir / f"{item.record.id}.png", item.mask)
         config = params.segmenter
-        spec = SegmenterSpec(config.encoder, self.train.num_classes, config.output_stride, config.decoder_channels,
-                             tuple(self.train.class_names))
+        spec = segmenter_spec(params, self.train)
+        encoder_weights, _ = encoder_inputs(params, self.root)
         dataset = SegmentationDataset([self.train.image_path(r) for r in records], [masks_dir / f"{r.id}.png" for r in records],
                                       config.image_size, config.augmentation, params.seed, self.train.num_classes, config.scale_range)
         val = [r for r in self.val_manifest.records if r.mask is not None]
@@ -309,7 +309,7 @@ class TrialEvaluator:
         result = train_segmenter(config, params.seed, spec, dataset, [self.val_manifest.image_path(r) for r in val],
                                  [self.val_manifest.mask_path(r) for r in val], trial_dir / "checkpoints",
                                  checkpoint.fingerprint(key, config.model_dump(), params.irnet.model_dump()),
-                                 encoder_weights=config.encoder_weights, on_epoch=on_epoch, desc="sweep segmenter")
+                                 encoder_weights=encoder_weights, on_epoch=on_epoch, desc="sweep segmenter")
         return result.best_miou
 
 

@@ -81,6 +81,22 @@ def small_cnn_backbone() -> nn.Sequential:
     )
 
 
+def feature_stages(model: CamClassifier) -> tuple[list[nn.Module], list[int], list[int]]:
+    """The network as five feature stages (its backbone's blocks, then its extra convs) with each
+    stage's output channels and stride; IRNet and the segmenter's ``classifier`` encoder build on them."""
+    blocks = list(model.backbone.children())
+    if len(blocks) == 4:  # small_cnn: /2, /4, /8, /8
+        return [*blocks, model.extra], [32, 64, 128, 256, 256], [2, 4, 8, 8, 8]
+    # vgg16_bn_d1: a flat list of layers; cut after pool2, pool3, conv4 block, conv5 block
+    pools = [i for i, layer in enumerate(blocks) if isinstance(layer, nn.MaxPool2d)]
+    cuts = [pools[1] + 1, pools[2] + 1, pools[3], len(blocks)]
+    pieces, start = [], 0
+    for end in cuts:
+        pieces.append(nn.Sequential(*blocks[start:end]))
+        start = end
+    return [*pieces, model.extra], [128, 256, 512, 512, 512], [4, 8, 8, 8, 8]
+
+
 def _load_state_dict(path: Path, key: str = "classifier.weights") -> dict:
     """A local state dict (``weights_only=True``); problems are reported against param ``key``."""
     try:

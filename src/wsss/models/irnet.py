@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss.errors import ConfigError
-from wsss.models.classifier import CamClassifier, _load_state_dict
+from wsss.models.classifier import CamClassifier, _load_state_dict, feature_stages
 
 
 class FrozenStages(nn.Module):
@@ -48,20 +48,9 @@ class FrozenStages(nn.Module):
 
 
 def classifier_stages(model: CamClassifier) -> FrozenStages:
-    """The step-1 network as five stages: its backbone's blocks, then its extra convs."""
-    blocks = list(model.backbone.children())
-    if len(blocks) == 4:  # small_cnn: /2, /4, /8, /8
-        stages = [*blocks, model.extra]
-        channels = [32, 64, 128, 256, 256]
-        return FrozenStages(stages, channels)
-    # vgg16_bn_d1: a flat list of layers; cut after pool2, pool3, conv4 block, conv5 block
-    pools = [i for i, layer in enumerate(blocks) if isinstance(layer, nn.MaxPool2d)]
-    cuts = [pools[1] + 1, pools[2] + 1, pools[3], len(blocks)]
-    pieces, start = [], 0
-    for end in cuts:
-        pieces.append(nn.Sequential(*blocks[start:end]))
-        start = end
-    return FrozenStages([*pieces, model.extra], [128, 256, 512, 512, 512])
+    """The step-1 network as five frozen stages: its backbone's blocks, then its extra convs."""
+    stages, channels, _ = feature_stages(model)
+    return FrozenStages(stages, channels)
 
 
 def resnet50_stages(weights: str) -> FrozenStages:

@@ -23,13 +23,13 @@ from wsss import checkpoint, distributed, tracking
 from wsss.config import IrnetParams, Params, flatten
 from wsss.errors import ConfigError
 from wsss.io import atomic_dir, write_json
-from wsss.models.segmenter import SegmenterSpec, build_segmenter, save_segmenter
+from wsss.models.segmenter import build_segmenter, save_segmenter
 from wsss.segmentation import SegmentationDataset, train_segmenter
 from wsss.stages.cams import CAMS_DIR
 from wsss.stages.common import load_splits, unfinished_run
 from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
 from wsss.stages.irnet import IRNET_PATH, load_irnet, pseudo_mask_metrics, write_pseudo_masks
-from wsss.stages.segmenter import evaluate_model
+from wsss.stages.segmenter import encoder_inputs, evaluate_model, segmenter_spec
 
 CELL_KIND = "cell"
 _NOT_IN_FINGERPRINT = {"workers", "threads"}
@@ -79,12 +79,14 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
     train, val = manifests["train"], manifests["val"]
     config = params.segmenter.model_copy(update={"encoder": encoder})
     name = cell_name(encoder, threshold, person)
-    hashes = tracking.input_hashes({"masks": root / masks_dir / "train", "prepared": root / PREPARED_DIR, "splits": root / SPLITS_DIR})
+    encoder_weights, weight_files = encoder_inputs(params, root, encoder)
+    hashes = tracking.input_hashes({"masks": root / masks_dir / "train", "prepared": root / PREPARED_DIR, "splits": root / SPLITS_DIR,
+                                    **weight_files})
     run_fingerprint = checkpoint.fingerprint(config.model_dump(exclude=_NOT_IN_FINGERPRINT), params.seed, hashes,
                                              *distributed.precision_fingerprint())
     checkpoint_dir = root / "checkpoints/ablation" / name
     previous = checkpoint.load_if_compatible(checkpoint_dir / "last.pt", run_fingerprint)
-    spec = SegmenterSpec(encoder, train.num_classes, config.output_stride, config.decoder_channels, tuple(train.class_names))
+    spec = segmenter_spec(params, train, encoder)
     factors = {"encoder": encoder, "threshold": threshold, "person": person}
     logged = {**{f"ablation.{k}": v for k, v in factors.items()}, "seed": params.seed,
               **flatten(config.model_dump(exclude=_NOT_IN_FINGERPRINT), "segmenter.")}
@@ -96,10 +98,10 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
                                       config.image_size, config.augmentation, params.seed, train.num_classes, config.scale_range)
         result = train_segmenter(config, params.seed, spec, dataset, [val.image_path(r) for r in val_records],
                                  [val.mask_path(r) for r in val_records], checkpoint_dir, run_fingerprint,
-                                 encoder_weights=config.encoder_weights,
+                                 encoder_weights=encoder_weights,
                                  on_epoch=lambda r: mlflow.log_metrics({"loss": r.loss, "val_miou": r.val_miou}, step=r.epoch),
                                  extra_state={"mlflow_run_id": run.info.run_id}, desc=f"cell {name}")
-        model = build_segmenter(encoder, spec.num_classes, spec.output_stride, spec.decoder_channels)
+        model = build_segmenter(spec)
         model.load_state_dict(result.best_state)
         save_segmenter(root / model_dir / "model.pt", model, spec, extra={"trained_on": str(masks_dir), "best_epoch": result.best_epoch})
         scores, _, _ = evaluate_model(model, {"val": val}, params.evaluate.tta_scales)

@@ -29,9 +29,10 @@ from wsss.data.manifest import ImageRecord, Manifest, load_manifest
 from wsss.errors import DataError
 from wsss.io import read_image, read_json, read_mask, write_csv, write_json
 from wsss.metrics import SegmentationScores, confusion_matrix, segmentation_scores
-from wsss.models.segmenter import SegmenterSpec, build_segmenter, load_segmenter, save_segmenter
+from wsss.models.segmenter import CLASSIFIER_ENCODER, SegmenterSpec, build_segmenter, load_segmenter, save_segmenter
 from wsss.segmentation import LAST, SegmentationDataset, predict_pairs, train_segmenter
 from wsss.stages.cams import CAMS_DIR
+from wsss.stages.classifier import MODEL_PATH as CLASSIFIER_PATH
 from wsss.stages.common import unfinished_run
 from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
 from wsss.stages.irnet import PSEUDO_DIR
@@ -54,6 +55,24 @@ PAPER_TABLE1_TEST = {"miou": 0.3734, "mean_accuracy": 0.5487, "pixel_accuracy": 
 def _segmenter_params(params: Params) -> dict:
     """Logged params: what the run computes (a resumed run may change workers and threads)."""
     return {"seed": params.seed, **flatten(params.segmenter.model_dump(exclude=_NOT_IN_FINGERPRINT), "segmenter.")}
+
+
+def segmenter_spec(params: Params, train: Manifest, encoder: str | None = None) -> SegmenterSpec:
+    """The network of the ``segmenter`` group (``encoder`` replaces its encoder: the ablation)."""
+    config = params.segmenter
+    encoder = encoder or config.encoder
+    from_classifier = encoder == CLASSIFIER_ENCODER
+    return SegmenterSpec(encoder, train.num_classes, config.output_stride, config.decoder_channels, tuple(train.class_names),
+                         tuple(config.atrous_rates), params.classifier.arch if from_classifier else "",
+                         params.classifier.extra_convs if from_classifier else 0)
+
+
+def encoder_inputs(params: Params, root: Path, encoder: str | None = None) -> tuple[str, dict[str, Path]]:
+    """The encoder's initial weights (``segmenter.encoder_weights``; the step-1 model file for the
+    ``classifier`` encoder) and the files they come from, for the run's input hashes."""
+    if (encoder or params.segmenter.encoder) == CLASSIFIER_ENCODER:
+        return str(root / CLASSIFIER_PATH), {"classifier": root / CLASSIFIER_PATH}
+    return params.segmenter.encoder_weights, {}
 
 
 def _paths(manifest: Manifest, records: list[ImageRecord], mask_of: Callable[[ImageRecord], Path]) -> tuple[list[Path], list[Path]]:
@@ -83,16 +102,17 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
         inputs = {"prepared": root / PREPARED_DIR}
     val_images, val_masks = _truth_paths(val, "val")
     config = params.segmenter
-    hashes = tracking.input_hashes({**inputs, "splits": root / SPLITS_DIR})
+    encoder_weights, weight_files = encoder_inputs(params, root)
+    hashes = tracking.input_hashes({**inputs, **weight_files, "splits": root / SPLITS_DIR})
     run_fingerprint = checkpoint.fingerprint({k: v for k, v in config.model_dump().items() if k not in _NOT_IN_FINGERPRINT},
                                              params.seed, hashes, masks, *distributed.precision_fingerprint())
     checkpoint_dir = root / "checkpoints" / stage
-    spec = SegmenterSpec(config.encoder, train.num_classes, config.output_stride, config.decoder_channels, tuple(train.class_names))
+    spec = segmenter_spec(params, train)
     dataset = SegmentationDataset(images, mask_paths, config.image_size, config.augmentation, params.seed, train.num_classes,
                                   config.scale_range)
     if not distributed.current().is_main:  # a torchrun process but rank 0: trains, writes nothing
         train_segmenter(config, params.seed, spec, dataset, val_images, val_masks, checkpoint_dir, run_fingerprint,
-                        encoder_weights=config.encoder_weights, desc=stage)
+                        encoder_weights=encoder_weights, desc=stage)
         return {}
     previous = checkpoint.load_if_compatible(checkpoint_dir / LAST, run_fingerprint)
 
@@ -100,11 +120,11 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
                             resume_run_id=unfinished_run(previous, config.epochs)) as run:
         result = train_segmenter(
             config, params.seed, spec, dataset, val_images, val_masks, checkpoint_dir, run_fingerprint,
-            encoder_weights=config.encoder_weights,
+            encoder_weights=encoder_weights,
             on_epoch=lambda r: mlflow.log_metrics({"loss": r.loss, "val_miou": r.val_miou, "lr": r.lr}, step=r.epoch),
             extra_state={"mlflow_run_id": run.info.run_id}, desc=stage,
         )
-        model = build_segmenter(spec.encoder, spec.num_classes, spec.output_stride, spec.decoder_channels)
+        model = build_segmenter(spec)
         model.load_state_dict(result.best_state)
         model_path = root / (SEGMENTER_PATH if masks == "pseudo" else ORACLE_PATH)
         save_segmenter(model_path, model, spec, extra={"trained_on": masks, "best_epoch": result.best_epoch})
