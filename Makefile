@@ -20,4 +20,4 @@ repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
 
 test: $(STAMP)
-	PATH="$(BIN):$$PATH" python -m pytest -q
+	PATH="$(BIN):$$PATH" python -m pytest -q --durations=10
