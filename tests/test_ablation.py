@@ -100,7 +100,7 @@ def test_report_renders_the_grid_with_the_papers_numbers_and_the_factor_effects(
 # --- the grid through DVC --------------------------------------------------------------------
 
 ABLATION = {**STEP3, "person.epochs": 2, "person.presence_threshold": 0.3, "person.cam_threshold": 0.4, "person.post_crf": False,
-            "ablation.encoders": ["resnet18"], "ablation.thresholds": [1.6], "ablation.person": [False, True]}
+            "ablation.encoders": ["classifier"], "ablation.thresholds": [1.6], "ablation.person": [False, True]}  # the CPU default encoder: the cheapest cell
 
 
 def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_cells(tmp_path, mlflow_store):
@@ -108,7 +108,7 @@ def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_
 
     first = stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))
     grid = {"pipelines/ablation/dvc.yaml:" + s for s in ("person_classifier", "masks@1.6", "person_masks@1.6",
-                                                         "cell@resnet18-1.6-False", "cell@resnet18-1.6-True", "report")}
+                                                         "cell@classifier-1.6-False", "cell@classifier-1.6-True", "report")}
     assert grid <= first and "train_irnet" in first and "train_segmenter" not in first  # upstream shared, step 3 not needed
 
     person = json.loads((root / "metrics/person_classifier.json").read_text())
@@ -127,14 +127,14 @@ def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_
     runs = mlflow.search_runs(experiment_names=["ablation"])
     assert len(runs) == 4  # 2 cells x TTA off/on
     assert set(zip(runs["params.encoder"], runs["params.threshold"], runs["params.tta"], runs["params.person"], strict=True)) == {
-        ("resnet18", "1.6", tta, person) for tta in ("False", "True") for person in ("False", "True")}
-    cell = json.loads((root / "metrics/ablation/cell-resnet18-thr-1.6-person-true.json").read_text())
+        ("classifier", "1.6", tta, person) for tta in ("False", "True") for person in ("False", "True")}
+    cell = json.loads((root / "metrics/ablation/cell-classifier-thr-1.6-person-true.json").read_text())
     logged = runs[(runs["params.person"] == "True") & (runs["params.tta"] == "True")]["metrics.val_miou"].item()
     assert logged == pytest.approx(cell["val"]["tta"]["miou"])
     report = (root / "reports/ablation.md").read_text()
-    assert f"| resnet18 | 1.6 | yes | yes | {100 * logged:.2f} |" in report
+    assert f"| classifier | 1.6 | yes | yes | {100 * logged:.2f} |" in report
     assert (root / "reports/ablation_effects.png").stat().st_size > 1000
-    assert (root / "models/ablation/resnet18-thr-1.6-person-true/model.pt").is_file()
+    assert (root / "models/ablation/classifier-thr-1.6-person-true/model.pt").is_file()
 
     assert not stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))  # nothing changed, nothing runs
 
@@ -142,10 +142,10 @@ def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_
     document["ablation"]["thresholds"] = [1.6, 1.2]
     (root / "params.yaml").write_text(yaml.safe_dump(document))
     added = stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))
-    assert added == {"pipelines/ablation/dvc.yaml:" + s for s in ("masks@1.2", "person_masks@1.2", "cell@resnet18-1.2-False",
-                                                                  "cell@resnet18-1.2-True", "report")}
+    assert added == {"pipelines/ablation/dvc.yaml:" + s for s in ("masks@1.2", "person_masks@1.2", "cell@classifier-1.2-False",
+                                                                  "cell@classifier-1.2-True", "report")}
     assert len(mlflow.search_runs(experiment_names=["ablation"])) == 8
-    assert "| resnet18 | 1.2 | no | no |" in (root / "reports/ablation.md").read_text()
+    assert "| classifier | 1.2 | no | no |" in (root / "reports/ablation.md").read_text()
 
 
 def test_report_names_cells_not_run_and_cells_whose_runs_this_store_lacks(project, mlflow_store):
