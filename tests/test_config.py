@@ -48,6 +48,7 @@ def _problems(overrides: dict) -> str:
         ({"segmenter.optimizer": "lion"}, "segmenter.optimizer", "'lion'"),
         ({"segmenter.batch_size": 1}, "segmenter.batch_size", "greater than or equal to 2"),
         ({"evaluate.tta_scales": [1.0, -0.5]}, "evaluate.tta_scales", "must be positive"),
+        ({"evaluate.crf": "sometimes"}, "evaluate.crf", "valid boolean"),
         ({"segmenter.atrous_rates": [1, 0, 3]}, "segmenter.atrous_rates.1", "greater than 0"),
         ({"segmenter.encoder": "classifier", "segmenter.output_stride": 16}, "segmenter.output_stride", "classifier encoder"),
         ({"segmenter.encoder": "classifier", "segmenter.output_stride": 8, "segmenter.encoder_weights": "imagenet"},

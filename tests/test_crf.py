@@ -43,3 +43,30 @@ def test_pool_matches_serial_and_names_failed_images():
     broken = [*tasks[:2], CrfTask("bad_image", image[:20], blurred), tasks[3]]
     with pytest.raises(CrfError, match=r"failed on 1 image\(s\): bad_image \(ValueError"):
         list(crf_many(broken, CrfParams(workers=2), chunksize=1))
+
+
+def test_crf_refinement_of_predictions_streams_in_order_over_chunks(tmp_path):
+    """evaluate.crf: the TTA predictions are refined a chunk at a time, each against its own image."""
+    from wsss.io import write_image_png
+    from wsss.metrics import confusion_matrix, segmentation_scores
+    from wsss.stages.segmenter import _crf_refined
+
+    items, images = [], []
+    for index in range(5):
+        image, truth, blurred = toy()
+        image = np.roll(image, 2 * index, axis=1)  # five different images
+        path = tmp_path / f"image-{index}.png"
+        write_image_png(path, image)
+        items.append((path, np.roll(truth, 2 * index, axis=1), np.roll(blurred, 2 * index, axis=1)))
+        images.append(image)
+    params = CrfParams(bilateral_sxy=10, workers=1)
+    refined = list(_crf_refined(iter(items), params, chunk=2))
+
+    assert len(refined) == 5
+    before, after = np.zeros((4, 4), np.int64), np.zeros((4, 4), np.int64)
+    for (path, truth, blurred), image, (mask, prediction) in zip(items, images, refined, strict=True):
+        assert mask is truth
+        assert np.array_equal(prediction, crf_labels(image, blurred, params))
+        before += confusion_matrix(truth, blurred, 4)
+        after += confusion_matrix(truth, prediction, 4)
+    assert segmentation_scores(after).miou > segmentation_scores(before).miou + 0.1

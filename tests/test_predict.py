@@ -117,3 +117,17 @@ def test_device_cuda_without_cuda_exits_2_naming_the_option_and_cpu_works(tmp_pa
     assert not (tmp_path / "out").exists()
     assert run(["--model", str(model_file), str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--device", "cpu", "--no-tta"]) == 0
     assert (tmp_path / "out/a.png").is_file()
+
+
+def test_crf_refines_each_prediction_on_its_image(tmp_path, model_file):
+    from wsss.config import CrfParams
+    from wsss.crf import crf_labels
+    from wsss.io import read_image
+
+    image = np.zeros((40, 48, 3), dtype=np.uint8)
+    image[8:30, 10:40] = (220, 200, 30)
+    write_image_png(tmp_path / "square.png", image)
+    assert run(["--model", str(model_file), str(tmp_path / "square.png"), "--out", str(tmp_path / "plain"), "--no-tta"]) == 0
+    assert run(["--model", str(model_file), str(tmp_path / "square.png"), "--out", str(tmp_path / "crf"), "--no-tta", "--crf"]) == 0
+    plain, refined = read_mask(tmp_path / "plain/square.png"), read_mask(tmp_path / "crf/square.png")
+    assert np.array_equal(refined, crf_labels(read_image(tmp_path / "square.png"), plain, CrfParams()))

@@ -51,25 +51,30 @@ def test_step3_stages_train_evaluate_and_report(step2_project):
     oracle = json.loads((root / "metrics/oracle.json").read_text())
     assert oracle["available"] and oracle["trained_on"] == "truth masks"
     evaluate = json.loads((root / "metrics/evaluate.json").read_text())
+    assert evaluate["final_mode"] == oracle["final_mode"] == "tta_crf"  # evaluate.crf: true, the CPU default
     for split in ("val", "test"):
-        for mode in ("plain", "tta"):
+        for mode in ("plain", "tta", "tta_crf"):
             scores = evaluate[split][mode]
             assert set(scores) >= {"miou", "mean_accuracy", "pixel_accuracy", "iou", "miou_without_person"}
             assert 0 <= scores["miou"] <= 1 and 0 <= scores["pixel_accuracy"] <= 1
             assert 0 <= oracle[split][mode]["miou"] <= 1
         assert evaluate[split]["tta_gain_miou"] == pytest.approx(evaluate[split]["tta"]["miou"] - evaluate[split]["plain"]["miou"])
+        assert evaluate[split]["crf_gain_miou"] == pytest.approx(evaluate[split]["tta_crf"]["miou"] - evaluate[split]["tta"]["miou"])
 
     # the confusion matrix counts every labelled test pixel once
     test = load_manifest(root / "data/splits/test.json")
     labelled = sum(int((read_mask(test.mask_path(r)) != 255).sum()) for r in test.records)
     cells = _rows(root / "plots/evaluate/confusion_matrix.csv")
     assert len(cells) == 64 and sum(int(c["pixels"]) for c in cells) == labelled
+    iou_rows = _rows(root / "plots/evaluate/per_class_iou.csv")
+    assert [r["test_final_iou"] for r in iou_rows] == [r["test_tta_crf_iou"] for r in iou_rows]  # the dvc plot shows the final model
     for picture in ("confusion_matrix.png", "per_class_iou.png", "figure2.png"):
         assert (root / "plots/evaluate" / picture).stat().st_size > 1000
 
     summary = (root / "reports/summary.md").read_text()
     assert "Table 2" in summary and "Table 1" in summary and "of the upper bound's test mIoU" in summary
-    assert f"{100 * evaluate['test']['tta']['miou']:.2f}" in summary
+    assert f"| this run, TTA + CRF | {100 * evaluate['test']['tta_crf']['miou']:.2f} |" in summary
+    assert f"| Segmentation + TTA + CRF | {100 * evaluate['val']['tta_crf']['miou']:.2f} |" in summary
 
     runs = mlflow.search_runs(experiment_names=["wsss"], order_by=["attributes.start_time ASC"])
     stages = list(runs["tags.wsss.stage"])
@@ -77,12 +82,15 @@ def test_step3_stages_train_evaluate_and_report(step2_project):
     pipeline = runs.iloc[-1]
     assert pipeline["params.segmenter.encoder"] == "classifier" and pipeline["params.irnet.background"] == "walk"
     assert pipeline["metrics.evaluate.test.tta.miou"] == pytest.approx(evaluate["test"]["tta"]["miou"])
+    assert pipeline["metrics.evaluate.test.tta_crf.miou"] == pytest.approx(evaluate["test"]["tta_crf"]["miou"])
+    assert runs.iloc[-2]["params.evaluate.crf"] == "True" and runs.iloc[-2]["params.crf.gt_prob"] == "0.7"
     assert pipeline["metrics.pseudo_masks.val.miou"] == pytest.approx(json.loads((root / "metrics/pseudo_masks.json").read_text())["val"]["miou"])
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(runs.iloc[-4]["run_id"], "val_miou")) == 2  # per epoch
     for run in (runs.iloc[-4], runs.iloc[-3]):  # the classifier encoder's weights are a lineage input of both
         assert run["tags.wsss.input.classifier"] == tracking.input_hashes({"c": root / "models/classifier/model.pt"})["c"]
     assert runs.iloc[-3]["metrics.test_tta_miou"] == pytest.approx(oracle["test"]["tta"]["miou"])
+    assert runs.iloc[-3]["metrics.test_tta_crf_miou"] == pytest.approx(oracle["test"]["tta_crf"]["miou"])
     assert {"figure2.png", "confusion_matrix.png"} <= {a.path for a in client.list_artifacts(runs.iloc[-2]["run_id"])}
 
     # the trained model segments images of any size from the command line
@@ -127,5 +135,19 @@ def test_summary_tables_and_the_ratio_to_the_upper_bound():
     assert "| Segmentation + TTA | 52.00 | 57.00 | 39.64 |" in text
     assert "| this run, TTA | 51.00 | 61.00 | 90.00 |" in text
     assert "**85.00 %** of the upper bound's test mIoU; 86.15 % without the person class" in text
+    assert "CRF" not in text.split("## Table 1")[1].split("Per-class IoU")[0]
+
+    # with evaluate.crf the final numbers, the upper bound's included, are those after the CRF
+    crf = {**metrics, "evaluate": {"final_mode": "tta_crf",
+                                   "val": {**metrics["evaluate"]["val"], "tta_crf": _scores(0.55)},
+                                   "test": {**metrics["evaluate"]["test"], "tta_crf": _scores(0.54)}},
+           "oracle": {"available": True, "test": {"tta": _scores(0.60), "tta_crf": _scores(0.72)}}}
+    text = summary_markdown(crf)
+    assert "| Segmentation + TTA + CRF | 55.00 | 60.00 |  |" in text and "| Segmentation + TTA | 52.00 | 57.00 | 39.64 |" in text
+    table1 = text.split("## Table 1")[1].split("## Weak")[0]
+    assert table1.index("| this run, TTA + CRF | 54.00 |") < table1.index("| this run, TTA | 51.00 |") < table1.index("no TTA")
+    assert "**75.00 %** of the upper bound's test mIoU" in text and "With TTA only (no CRF on either model): 85.00 %." in text
+    stale = summary_markdown({**crf, "oracle": {"available": True, "test": {"tta": _scores(0.60)}}})
+    assert "The upper bound was not scored with TTA + CRF" in stale and "of the upper bound's test mIoU" not in stale
     unavailable = summary_markdown({**metrics, "oracle": {"available": False, "reason": "no masks"}})
     assert "No upper bound: no masks." in unavailable and "of the upper bound" not in unavailable

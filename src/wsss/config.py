@@ -187,7 +187,8 @@ class CamParams(_Group):
 
 
 class CrfParams(_Group):
-    """Dense CRF (pydensecrf) on label maps: used on CAMs (step 1) and for IR labels (step 2)."""
+    """Dense CRF (pydensecrf) on label maps: CAMs (step 1), IR labels and pseudo masks (step 2), and the
+    final predictions under ``evaluate.crf`` (step 3)."""
 
     gt_prob: float = Field(0.7, gt=0, lt=1)
     gaussian_sxy: float = Field(3, gt=0)
@@ -288,6 +289,7 @@ class EvaluateParams(_Group):
 
     tta_scales: list[float] = Field([0.5, 1.0, 2.0], min_length=1)  # x {image, mirror}
     num_figures: int = Field(6, ge=0)  # val images in the Figure-2 picture
+    crf: bool = False  # the dense CRF (crf group) on the TTA predictions of both segmenters (not in the paper)
 
     @model_validator(mode="after")
     def _positive_scales(self) -> EvaluateParams:

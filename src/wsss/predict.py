@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from wsss.config import CrfParams
 from wsss.errors import DataError, WsssError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -54,7 +55,7 @@ def _positive_float(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--model``, the inputs, ``--out``, ``--no-tta`` and ``--tta-scales`` to ``parser``."""
+    """Add ``--model``, the inputs, ``--out``, ``--no-tta``, ``--tta-scales``, ``--crf`` and ``--device`` to ``parser``."""
     parser.add_argument("--model", required=True, type=Path,
                         help="segmenter model file (e.g. models/segmenter/model.pt)")
     parser.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER",
@@ -64,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     tta.add_argument("--no-tta", action="store_true", help="one forward pass per image, no flip or scale averaging")
     tta.add_argument("--tta-scales", nargs="+", type=_positive_float, default=list(DEFAULT_TTA_SCALES), metavar="SCALE",
                      help="test-time scales, each with its mirror (default: 0.5 1 2)")
+    parser.add_argument("--crf", action="store_true",
+                        help="refine each prediction with the dense CRF on its image (the crf group's defaults, "
+                             "as under evaluate.crf)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto (default): CUDA when present, else the CPU")
     return parser
@@ -113,12 +117,13 @@ def output_names(files: list[Path]) -> list[str | None]:
 
 
 def run_predict(model_path: Path, inputs: list[Path], out_dir: Path, tta_scales: list[float] | None,
-                device: str = "auto") -> PredictReport:
-    """Segment ``inputs`` (files) into ``out_dir`` on ``device`` (auto | cpu | cuda); unreadable
-    files are reported, not fatal."""
+                device: str = "auto", crf: CrfParams | None = None) -> PredictReport:
+    """Segment ``inputs`` (files) into ``out_dir`` on ``device`` (auto | cpu | cuda), each
+    prediction refined by the dense CRF when ``crf`` is given; unreadable files are reported, not fatal."""
     import torch
 
     from wsss.distributed import select_device
+    from wsss.crf import crf_labels
     from wsss.errors import ConfigError
     from wsss.io import read_image, write_image_png, write_mask_png
     from wsss.models.segmenter import load_segmenter
@@ -157,6 +162,8 @@ def run_predict(model_path: Path, inputs: list[Path], out_dir: Path, tta_scales:
             fail(file, f"not a readable image ({str(error).removeprefix(f'{file}: ')})")
             continue
         labels = predict_labels(model, image, tta_scales)
+        if crf is not None:
+            labels = crf_labels(image, labels, crf)
         write_mask_png(mask_path, labels)
         write_image_png(overlay_path, overlay(image, labels))
         report.written.append((file, mask_path))
@@ -167,7 +174,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     """Run ``wsss predict`` from parsed arguments; returns the exit status."""
     try:
         files = collect_inputs(list(args.inputs))
-        report = run_predict(args.model, files, args.out, None if args.no_tta else list(args.tta_scales), args.device)
+        report = run_predict(args.model, files, args.out, None if args.no_tta else list(args.tta_scales), args.device,
+                             CrfParams() if args.crf else None)
     except WsssError as error:
         print(f"wsss predict: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -16,15 +16,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from wsss import checkpoint, distributed, tracking, visualize
 from wsss.cam import label_map, load_cams
-from wsss.config import Params, flatten
-from wsss.crf import crf_labels
+from wsss.config import CrfParams, Params, flatten
+from wsss.crf import CrfTask, crf_labels, crf_many
 from wsss.data.manifest import ImageRecord, Manifest, load_manifest
 from wsss.errors import DataError
 from wsss.io import read_image, read_json, read_mask, write_csv, write_json
@@ -49,6 +49,9 @@ REPORT = Path("reports/summary.md")
 _NOT_IN_FINGERPRINT = {"workers", "threads"}  # how fast, not what is computed
 # The paper's numbers (LID 2020), for orientation beside this run's.
 PAPER_TABLE2_VAL = {"cam_crf": 0.3106, "irnet": 0.3187, "segmentation_tta": 0.3964}
+MODES = ("plain", "tta", "tta_crf")  # evaluation modes: no TTA, TTA, TTA + dense CRF (evaluate.crf)
+MODE_TITLES = {"plain": "", "tta": " + TTA", "tta_crf": " + TTA + CRF"}
+MODE_NAMES = {"plain": "no TTA", "tta": "TTA", "tta_crf": "TTA + CRF"}
 PAPER_TABLE1_TEST = {"miou": 0.3734, "mean_accuracy": 0.5487, "pixel_accuracy": 0.8364}
 
 
@@ -136,10 +139,12 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
         mlflow.log_metrics({"best_val_miou": result.best_miou, "best_epoch": result.best_epoch})
         if evaluate_after:
             manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("val", "test")}
-            scores, _, _ = evaluate_model(model.to(distributed.current().device), manifests, params.evaluate.tta_scales)
-            metrics.update(scores)
-            mlflow.log_param("evaluate.tta_scales", params.evaluate.tta_scales)
-            mlflow.log_metrics({f"{split}_{mode}_miou": scores[split][mode]["miou"] for split in manifests for mode in ("plain", "tta")})
+            scores, _, _ = evaluate_model(model.to(distributed.current().device), manifests, params.evaluate.tta_scales,
+                                          post_crf(params))
+            metrics.update(scores, final_mode=final_mode(params.evaluate.crf))
+            mlflow.log_params({"evaluate.tta_scales": params.evaluate.tta_scales, "evaluate.crf": params.evaluate.crf})
+            mlflow.log_metrics({f"{split}_{mode}_miou": scores[split][mode]["miou"] for split in manifests for mode in MODES
+                                if mode in scores[split]})
     return metrics
 
 
@@ -157,24 +162,73 @@ def _scores_dict(scores: SegmentationScores, manifest: Manifest) -> dict:
     return result
 
 
-def evaluate_model(model, manifests: dict[str, Manifest], tta_scales: list[float], batch_size: int = 16,
-                   keep: int = 0) -> tuple[dict, dict[str, np.ndarray], list[np.ndarray]]:
-    """Plain and TTA scores of ``model`` on each split; the TTA confusion matrices; the TTA
-    predictions of the first ``keep`` val images (for pictures)."""
+def post_crf(params: Params) -> CrfParams | None:
+    """The CRF that refines the final predictions (the ``crf`` group), or None without ``evaluate.crf``."""
+    return params.crf if params.evaluate.crf else None
+
+
+def final_mode(crf: bool) -> str:
+    """The metrics key of the final model's numbers: ``tta_crf`` under ``evaluate.crf``, else ``tta``."""
+    return "tta_crf" if crf else "tta"
+
+
+def _crf_refined(pairs: Iterable[tuple[Path, np.ndarray, np.ndarray]], crf: CrfParams,
+                 chunk: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(mask, prediction refined by the dense CRF on its image)`` of each ``(image path, mask,
+    prediction)``, in order; a chunk of images at a time is held in memory."""
+    def refine(batch):
+        tasks = [CrfTask(str(path), read_image(path), prediction) for path, _, prediction in batch]
+        refined = dict(crf_many(tasks, crf))
+        return [(mask, refined[str(path)]) for path, mask, _ in batch]
+
+    batch: list[tuple[Path, np.ndarray, np.ndarray]] = []
+    for item in pairs:
+        batch.append(item)
+        if len(batch) == chunk:
+            yield from refine(batch)
+            batch = []
+    if batch:
+        yield from refine(batch)
+
+
+def evaluate_model(model, manifests: dict[str, Manifest], tta_scales: list[float], crf: CrfParams | None = None,
+                   batch_size: int = 16, keep: int = 0) -> tuple[dict, dict[str, np.ndarray], list[np.ndarray]]:
+    """Scores of ``model`` on each split: ``plain``, ``tta`` and, with ``crf``, ``tta_crf`` (the TTA
+    prediction refined by the dense CRF on the image, DeepLab's post-processing); the final mode's
+    confusion matrices; its predictions of the first ``keep`` val images (for pictures)."""
+    final = final_mode(crf is not None)
     metrics, matrices, kept = {}, {}, []
     for split, manifest in manifests.items():
         images, masks = _truth_paths(manifest, split)
         num_classes = manifest.num_classes
-        for mode, scales in (("plain", None), ("tta", tta_scales)):
-            matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-            for mask, prediction in predict_pairs(model, images, masks, num_classes, batch_size, scales):
-                matrix += confusion_matrix(mask, prediction, num_classes)
-                if split == "val" and mode == "tta" and len(kept) < keep:
-                    kept.append(prediction)
-            metrics.setdefault(split, {})[mode] = _scores_dict(segmentation_scores(matrix), manifest)
-            if mode == "tta":
-                matrices[split] = matrix
+        split_matrices: dict[str, np.ndarray] = {}
+
+        def add(mode: str, mask: np.ndarray, prediction: np.ndarray) -> None:
+            if mode not in split_matrices:
+                split_matrices[mode] = np.zeros((num_classes, num_classes), dtype=np.int64)
+            split_matrices[mode] += confusion_matrix(mask, prediction, num_classes)
+            if split == "val" and mode == final and len(kept) < keep:
+                kept.append(prediction)
+
+        def scored_tta() -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
+            pairs = predict_pairs(model, images, masks, num_classes, batch_size, tta_scales)
+            for path, (mask, prediction) in zip(images, pairs, strict=True):
+                add("tta", mask, prediction)
+                yield path, mask, prediction
+
+        for mask, prediction in predict_pairs(model, images, masks, num_classes, batch_size, None):
+            add("plain", mask, prediction)
+        if crf is None:
+            for _ in scored_tta():
+                pass
+        else:  # streamed: the CRF refines the TTA predictions a chunk at a time
+            for mask, prediction in _crf_refined(scored_tta(), crf):
+                add("tta_crf", mask, prediction)
+        metrics[split] = {mode: _scores_dict(segmentation_scores(matrix), manifest) for mode, matrix in split_matrices.items()}
+        matrices[split] = split_matrices[final]
         metrics[split]["tta_gain_miou"] = metrics[split]["tta"]["miou"] - metrics[split]["plain"]["miou"]
+        if crf is not None:
+            metrics[split]["crf_gain_miou"] = metrics[split]["tta_crf"]["miou"] - metrics[split]["tta"]["miou"]
     return metrics, matrices, kept
 
 
@@ -214,12 +268,14 @@ def _confusion_figure(matrix: np.ndarray, names: tuple[str, ...], title: str):
     return figure
 
 
-def _iou_figure(metrics: dict, names: tuple[str, ...]):
+def _iou_figure(metrics: dict, names: tuple[str, ...], final: str):
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 0.4 * len(names) + 1.2))
     positions = np.arange(len(names))
-    for offset, (split, mode, label) in zip((-0.27, 0.0, 0.27), (("val", "plain", "val"), ("val", "tta", "val + TTA"), ("test", "tta", "test + TTA")), strict=False):
+    bars = (("val", "plain"), ("val", final), ("test", final))
+    for offset, (split, mode) in zip((-0.27, 0.0, 0.27), bars, strict=True):
+        label = split + MODE_TITLES[mode]
         values = [metrics[split][mode]["iou"][n] or 0.0 for n in names]
         axis.barh(positions + offset, values, height=0.27, label=f"{label} (mIoU {metrics[split][mode]['miou']:.3f})")
     axis.set_yticks(positions, names)
@@ -238,29 +294,34 @@ def run_evaluate(params: Params, root: Path) -> dict:
     manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("val", "test")}
     names = manifests["val"].class_names
     hashes = tracking.input_hashes({"segmenter": root / SEGMENTER_PATH, "splits": root / SPLITS_DIR})
-    logged = {"evaluate.tta_scales": params.evaluate.tta_scales, "evaluate.num_figures": params.evaluate.num_figures}
+    final = final_mode(params.evaluate.crf)
+    logged = {**flatten(params.evaluate.model_dump(), "evaluate."), **(flatten(params.crf.model_dump(), "crf.") if params.evaluate.crf else {})}
     with tracking.stage_run("evaluate", params.tracking.experiment, logged, root=root, hashes=hashes):
-        metrics, matrices, predictions = evaluate_model(model, manifests, params.evaluate.tta_scales, keep=params.evaluate.num_figures)
+        metrics, matrices, predictions = evaluate_model(model, manifests, params.evaluate.tta_scales, post_crf(params),
+                                                        keep=params.evaluate.num_figures)
         metrics["tta_scales"] = params.evaluate.tta_scales
+        metrics["final_mode"] = final
+        modes = [mode for mode in MODES if mode in metrics["val"]]
         write_json(root / EVALUATE_METRICS, metrics)
         plots = root / EVALUATE_PLOTS
         plots.mkdir(parents=True, exist_ok=True)
         write_csv(plots / "per_class_iou.csv", [
-            {"class": n, **{f"{split}_{mode}_iou": _cell(metrics[split][mode]["iou"][n]) for split in ("val", "test") for mode in ("plain", "tta")}}
+            {"class": n, **{f"{split}_{mode}_iou": _cell(metrics[split][mode]["iou"][n]) for split in ("val", "test") for mode in modes},
+             "test_final_iou": _cell(metrics["test"][final]["iou"][n])}
             for n in names])
         write_csv(plots / "confusion_matrix.csv", [{"ground_truth": g, "predicted": p, "pixels": int(matrices["test"][i, j])}
                                                    for i, g in enumerate(names) for j, p in enumerate(names)])
-        figures = {"confusion_matrix.png": _confusion_figure(matrices["test"], names, "test, TTA: share of each true class"),
-                   "per_class_iou.png": _iou_figure(metrics, names)}
+        figures = {"confusion_matrix.png": _confusion_figure(matrices["test"], names, f"test, {MODE_NAMES[final]}: share of each true class"),
+                   "per_class_iou.png": _iou_figure(metrics, names, final)}
         val = manifests["val"]
         examples = [r for r in val.records if r.mask is not None][: len(predictions)]
         if examples:
-            figures["figure2.png"] = _figure2(params, root, val, examples, predictions)
+            figures["figure2.png"] = _figure2(params, root, val, examples, predictions, f"DeepLabv3+{MODE_TITLES[final]}")
         for name, figure in figures.items():
             figure.savefig(plots / name, dpi=110)
             mlflow.log_figure(figure, name)
             visualize.close(figure)
-        mlflow.log_metrics({f"{split}_{mode}_{key}": metrics[split][mode][key] for split in ("val", "test") for mode in ("plain", "tta")
+        mlflow.log_metrics({f"{split}_{mode}_{key}": metrics[split][mode][key] for split in ("val", "test") for mode in modes
                             for key in ("miou", "mean_accuracy", "pixel_accuracy")})
         mlflow.log_artifact(str(root / EVALUATE_METRICS))
     return metrics
@@ -270,7 +331,7 @@ def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
 
-def _figure2(params: Params, root: Path, val: Manifest, records: list[ImageRecord], predictions: list[np.ndarray]):
+def _figure2(params: Params, root: Path, val: Manifest, records: list[ImageRecord], predictions: list[np.ndarray], title: str):
     """The paper's Figure 2: image | CAM + CRF | IRNet pseudo mask | DeepLabv3+ | ground truth."""
     rows = []
     for record, prediction in zip(records, predictions, strict=True):
@@ -280,7 +341,7 @@ def _figure2(params: Params, root: Path, val: Manifest, records: list[ImageRecor
         pseudo = read_mask(root / PSEUDO_DIR / "val" / f"{record.id}.png")
         truth = read_mask(val.mask_path(record))
         rows.append([image, *(visualize.overlay(image, m) for m in (cam_crf, pseudo, prediction, truth))])
-    return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", "DeepLabv3+ (TTA)", "ground truth"],
+    return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", title, "ground truth"],
                                 row_labels=[r.id for r in records])
 
 
@@ -296,7 +357,10 @@ def summary_markdown(stage_metrics: dict[str, dict]) -> str:
     """``reports/summary.md`` from the stages' metrics (pure: a test can feed it made-up numbers)."""
     cams, pseudo, evaluate = stage_metrics["cams"], stage_metrics["pseudo_masks"], stage_metrics["evaluate"]
     oracle = stage_metrics.get("oracle", {})
-    val_tta, test_tta, test_plain = evaluate["val"]["tta"], evaluate["test"]["tta"], evaluate["test"]["plain"]
+    final = evaluate.get("final_mode", "tta")
+    test_final = evaluate["test"][final]
+    test_modes = list(dict.fromkeys(mode for mode in (final, *reversed(MODES)) if mode in evaluate["test"]))
+    val_rows = [(f"Segmentation{MODE_TITLES[mode]}", evaluate["val"][mode]) for mode in MODES if mode in evaluate["val"]]
     lines = [
         "# wsss: summary of this run",
         "",
@@ -306,36 +370,40 @@ def summary_markdown(stage_metrics: dict[str, dict]) -> str:
         "|---|---:|---:|---:|",
         f"| Classification + CRF | {_pct(cams['cam_crf']['miou'])} | {_pct(cams['cam_crf'].get('miou_without_person'))} | {_pct(PAPER_TABLE2_VAL['cam_crf'])} |",
         f"| IRNet (pseudo masks) | {_pct(pseudo['val']['miou'])} | {_pct(pseudo['val'].get('miou_without_person'))} | {_pct(PAPER_TABLE2_VAL['irnet'])} |",
-        f"| Segmentation | {_pct(evaluate['val']['plain']['miou'])} | {_pct(evaluate['val']['plain'].get('miou_without_person'))} | |",
-        f"| Segmentation + TTA | {_pct(val_tta['miou'])} | {_pct(val_tta.get('miou_without_person'))} | {_pct(PAPER_TABLE2_VAL['segmentation_tta'])} |",
+        *(f"| {name} | {_pct(scores['miou'])} | {_pct(scores.get('miou_without_person'))} | "
+          f"{_pct(PAPER_TABLE2_VAL['segmentation_tta']) if name == 'Segmentation + TTA' else ''} |" for name, scores in val_rows),
         "",
         "## Table 1: the final model on test (%)",
         "",
         "| | mIoU | mean accuracy | pixel accuracy |",
         "|---|---:|---:|---:|",
-        f"| this run, TTA | {_pct(test_tta['miou'])} | {_pct(test_tta['mean_accuracy'])} | {_pct(test_tta['pixel_accuracy'])} |",
-        f"| this run, no TTA | {_pct(test_plain['miou'])} | {_pct(test_plain['mean_accuracy'])} | {_pct(test_plain['pixel_accuracy'])} |",
+        *(f"| this run, {MODE_NAMES[mode]} | {_pct(evaluate['test'][mode]['miou'])} | {_pct(evaluate['test'][mode]['mean_accuracy'])} | "
+          f"{_pct(evaluate['test'][mode]['pixel_accuracy'])} |" for mode in test_modes),
         f"| paper (LID test) | {_pct(PAPER_TABLE1_TEST['miou'])} | {_pct(PAPER_TABLE1_TEST['mean_accuracy'])} | {_pct(PAPER_TABLE1_TEST['pixel_accuracy'])} |",
         "",
         "## Weak against full supervision",
         "",
     ]
-    if oracle.get("available"):
-        upper = oracle["test"]["tta"]
+    if oracle.get("available") and final not in oracle["test"]:
+        lines.append(f"The upper bound was not scored with {MODE_NAMES[final]}: re-run the oracle stage (`dvc repro oracle`).")
+    elif oracle.get("available"):
+        upper = oracle["test"][final]
         lines += [
             "The upper bound is the same segmenter, trained with the same budget on the ground-truth training masks.",
             "",
-            "| model (test, TTA) | mIoU | without the person class | mean accuracy | pixel accuracy |",
+            f"| model (test, {MODE_NAMES[final]}) | mIoU | without the person class | mean accuracy | pixel accuracy |",
             "|---|---:|---:|---:|---:|",
-            f"| weakly supervised (image labels only) | {_pct(test_tta['miou'])} | {_pct(test_tta.get('miou_without_person'))} | "
-            f"{_pct(test_tta['mean_accuracy'])} | {_pct(test_tta['pixel_accuracy'])} |",
+            f"| weakly supervised (image labels only) | {_pct(test_final['miou'])} | {_pct(test_final.get('miou_without_person'))} | "
+            f"{_pct(test_final['mean_accuracy'])} | {_pct(test_final['pixel_accuracy'])} |",
             f"| upper bound (true masks) | {_pct(upper['miou'])} | {_pct(upper.get('miou_without_person'))} | "
             f"{_pct(upper['mean_accuracy'])} | {_pct(upper['pixel_accuracy'])} |",
             "",
-            f"Weak / full supervision: **{_pct(_ratio(test_tta['miou'], upper['miou']))} %** of the upper bound's test mIoU"
-            + (f"; {_pct(_ratio(test_tta['miou_without_person'], upper['miou_without_person']))} % without the person class, "
+            f"Weak / full supervision: **{_pct(_ratio(test_final['miou'], upper['miou']))} %** of the upper bound's test mIoU"
+            + (f"; {_pct(_ratio(test_final['miou_without_person'], upper['miou_without_person']))} % without the person class, "
                "whose labels the weak model never sees (the paper drops them)." if "miou_without_person" in upper else "."),
         ]
+        if final != "tta" and "tta" in oracle["test"]:
+            lines += ["", f"With TTA only (no CRF on either model): {_pct(_ratio(evaluate['test']['tta']['miou'], oracle['test']['tta']['miou']))} %."]
     else:
         lines.append(f"No upper bound: {oracle.get('reason', 'the oracle stage did not run')}.")
     lines += ["", "Per-class IoU, the confusion matrix and Figure 2 (image | CAM + CRF | pseudo mask | prediction | "
