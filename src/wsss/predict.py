@@ -122,8 +122,8 @@ def run_predict(model_path: Path, inputs: list[Path], out_dir: Path, tta_scales:
     prediction refined by the dense CRF when ``crf`` is given; unreadable files are reported, not fatal."""
     import torch
 
-    from wsss.distributed import select_device
     from wsss.crf import crf_labels
+    from wsss.distributed import select_device
     from wsss.errors import ConfigError
     from wsss.io import read_image, write_image_png, write_mask_png
     from wsss.models.segmenter import load_segmenter
