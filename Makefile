@@ -19,5 +19,6 @@ $(STAMP): pyproject.toml requirements.lock
 repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
 
+# One pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once).
 test: $(STAMP)
-	PATH="$(BIN):$$PATH" python -m pytest -q --durations=10
+	PATH="$(BIN):$$PATH" python -m pytest -q --durations=10 -n logical --dist loadfile

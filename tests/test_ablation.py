@@ -16,7 +16,7 @@ from wsss.data.manifest import ImageRecord, Manifest
 from wsss.errors import ConfigError, DataError
 from wsss.io import read_mask
 from wsss.person import merge_person, person_view, shows_person
-from wsss.stages.ablation import background_knob, with_threshold
+from wsss.stages.ablation import background_knob, cell_segmenter, with_threshold
 from wsss.stages.ablation_report import ablation_markdown, factor_effects
 from wsss.stages.person import binary_scores
 
@@ -75,6 +75,17 @@ def test_ablation_params_are_checked():
         make_params({"ablation.encoders": []})
 
 
+def test_cell_output_stride_of_smp_encoders_and_of_the_classifier_encoder():
+    params = make_params({"segmenter.encoder": "classifier", "segmenter.output_stride": 8, "ablation.smp_output_stride": 16})
+    assert cell_segmenter(params, "resnet18").output_stride == 16 and cell_segmenter(params, "resnet18").encoder == "resnet18"
+    assert cell_segmenter(params, "classifier").output_stride == 8  # the classifier network's own stride
+    assert cell_segmenter(params, "classifier") == params.segmenter  # so its checkpoints stay valid
+    unset = make_params({"segmenter.encoder": "resnet18", "segmenter.output_stride": 8, "ablation.smp_output_stride": None})
+    assert cell_segmenter(unset, "resnet50").output_stride == 8  # the segmenter group's
+    with pytest.raises(ConfigError, match="ablation.smp_output_stride"):
+        make_params({"ablation.smp_output_stride": 32})
+
+
 def _row(encoder, threshold, tta, person, miou):
     return {"encoder": encoder, "threshold": threshold, "tta": tta, "person": person, "val_miou": miou,
             "val_miou_without_person": miou + 0.01, "run_id": "r"}
@@ -93,6 +104,10 @@ def test_report_renders_the_grid_with_the_papers_numbers_and_the_factor_effects(
     assert "| resnet50 | 0.3 | yes | no | 32.00 | 33.00 | 39.64 |" in table  # the paper's number beside the same cell
     assert "| resnet101 | 0.3 | no | no | 38.00 | 39.00 |  |" in table  # a cell the paper did not run
     assert "Best cell: resnet101, irnet thr. 0.5, TTA yes, person yes: **45.00**" in text
+    assert "Output stride" not in text  # rows of cells that did not record it
+    strided = ablation_markdown([{**row, "output_stride": 16 if row["encoder"] == "resnet50" else 8} for row in rows],
+                                "irnet.threshold", [1.0])
+    assert "Output stride: resnet50 16, resnet101 8." in strided
     walk = ablation_markdown(rows[:2], "irnet.bg_weight", [1.0])
     assert "IRNet bg weight" in walk and "39.64 |" not in walk.split("## The paper")[0]
 
@@ -100,7 +115,7 @@ def test_report_renders_the_grid_with_the_papers_numbers_and_the_factor_effects(
 # --- the grid through DVC --------------------------------------------------------------------
 
 ABLATION = {**STEP3, "person.epochs": 2, "person.presence_threshold": 0.3, "person.cam_threshold": 0.4, "person.post_crf": False,
-            "ablation.encoders": ["classifier"], "ablation.thresholds": [1.6], "ablation.person": [False, True]}  # the CPU default encoder: the cheapest cell
+            "ablation.encoders": ["classifier"], "ablation.thresholds": [1.6], "ablation.person": [False]}  # the CPU default encoder: the cheapest cell
 
 
 def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_cells(tmp_path, mlflow_store):
@@ -108,15 +123,23 @@ def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_
 
     first = stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))
     grid = {"pipelines/ablation/dvc.yaml:" + s for s in ("person_classifier", "masks@1.6", "person_masks@1.6",
-                                                         "cell@classifier-1.6-False", "cell@classifier-1.6-True", "report")}
+                                                         "cell@classifier-1.6-False", "report")}
     assert grid <= first and "train_irnet" in first and "train_segmenter" not in first  # upstream shared, step 3 not needed
-
     person = json.loads((root / "metrics/person_classifier.json").read_text())
     assert 0 <= person["val"]["f1"] <= 1 and person["val"]["images"] > 0
     plain = json.loads((root / "metrics/ablation/masks-thr-1.6-person-false.json").read_text())
-    merged = json.loads((root / "metrics/ablation/masks-thr-1.6-person-true.json").read_text())
     assert plain["threshold_key"] == "irnet.bg_weight" and plain["bg_weight"] == 1.6
     assert plain["val"]["iou"]["coat"] in (None, 0.0)  # no person in the plain pseudo masks
+    assert len(mlflow.search_runs(experiment_names=["ablation"])) == 2  # 1 cell x TTA off/on
+    assert not stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))  # nothing changed, nothing runs
+
+    document = yaml.safe_load((root / "params.yaml").read_text())
+    document["ablation"]["person"] = [False, True]
+    (root / "params.yaml").write_text(yaml.safe_dump(document))
+    added = stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))
+    assert added == {"pipelines/ablation/dvc.yaml:" + s for s in ("cell@classifier-1.6-True", "report")}  # the masks are there
+
+    merged = json.loads((root / "metrics/ablation/masks-thr-1.6-person-true.json").read_text())
     assert merged["images_given_person"]["val"] > 0
     for split in ("train", "val"):  # the merge only turns background into person (no CRF here)
         for path in sorted((root / "ablation/masks/thr-1.6-person-false" / split).glob("*.png")):
@@ -131,21 +154,11 @@ def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_
     cell = json.loads((root / "metrics/ablation/cell-classifier-thr-1.6-person-true.json").read_text())
     logged = runs[(runs["params.person"] == "True") & (runs["params.tta"] == "True")]["metrics.val_miou"].item()
     assert logged == pytest.approx(cell["val"]["tta"]["miou"])
+    assert cell["output_stride"] == 8 and set(runs["params.output_stride"]) == {"8"}
     report = (root / "reports/ablation.md").read_text()
-    assert f"| classifier | 1.6 | yes | yes | {100 * logged:.2f} |" in report
+    assert f"| classifier | 1.6 | yes | yes | {100 * logged:.2f} |" in report and "| classifier | 1.6 | no | no |" in report
     assert (root / "reports/ablation_effects.png").stat().st_size > 1000
     assert (root / "models/ablation/classifier-thr-1.6-person-true/model.pt").is_file()
-
-    assert not stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))  # nothing changed, nothing runs
-
-    document = yaml.safe_load((root / "params.yaml").read_text())
-    document["ablation"]["thresholds"] = [1.6, 1.2]
-    (root / "params.yaml").write_text(yaml.safe_dump(document))
-    added = stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))
-    assert added == {"pipelines/ablation/dvc.yaml:" + s for s in ("masks@1.2", "person_masks@1.2", "cell@classifier-1.2-False",
-                                                                  "cell@classifier-1.2-True", "report")}
-    assert len(mlflow.search_runs(experiment_names=["ablation"])) == 8
-    assert "| classifier | 1.2 | no | no |" in (root / "reports/ablation.md").read_text()
 
 
 def test_report_names_cells_not_run_and_cells_whose_runs_this_store_lacks(project, mlflow_store):

@@ -45,28 +45,30 @@ def test_pool_matches_serial_and_names_failed_images():
         list(crf_many(broken, CrfParams(workers=2), chunksize=1))
 
 
-def test_crf_refinement_of_predictions_streams_in_order_over_chunks(tmp_path):
-    """evaluate.crf: the TTA predictions are refined a chunk at a time, each against its own image."""
-    from wsss.io import write_image_png
+def test_crf_refinement_of_predictions_streams_in_order_over_chunks():
+    """evaluate.crf: the TTA predictions are refined a chunk at a time, each against its own image;
+    an image that fails is named."""
     from wsss.metrics import confusion_matrix, segmentation_scores
-    from wsss.stages.segmenter import _crf_refined
+    from wsss.stages.segmenter import crf_refined
 
-    items, images = [], []
+    items = []
     for index in range(5):
         image, truth, blurred = toy()
-        image = np.roll(image, 2 * index, axis=1)  # five different images
-        path = tmp_path / f"image-{index}.png"
-        write_image_png(path, image)
-        items.append((path, np.roll(truth, 2 * index, axis=1), np.roll(blurred, 2 * index, axis=1)))
-        images.append(image)
+        shifted = [np.roll(a, 2 * index, axis=1) for a in (image, truth, blurred)]  # five different images
+        items.append((f"image-{index}", *shifted))
     params = CrfParams(bilateral_sxy=10, workers=1)
-    refined = list(_crf_refined(iter(items), params, chunk=2))
+    refined = list(crf_refined(iter(items), params, chunk=2))
 
     assert len(refined) == 5
     before, after = np.zeros((4, 4), np.int64), np.zeros((4, 4), np.int64)
-    for (path, truth, blurred), image, (mask, prediction) in zip(items, images, refined, strict=True):
+    for (_, image, truth, blurred), (mask, prediction) in zip(items, refined, strict=True):
         assert mask is truth
         assert np.array_equal(prediction, crf_labels(image, blurred, params))
         before += confusion_matrix(truth, blurred, 4)
         after += confusion_matrix(truth, prediction, 4)
     assert segmentation_scores(after).miou > segmentation_scores(before).miou + 0.1
+
+    name, image, truth, blurred = items[3]
+    items[3] = (name, image[:20], truth, blurred)  # image and labels of different sizes
+    with pytest.raises(CrfError, match="image-3"):
+        list(crf_refined(iter(items), params, chunk=2))

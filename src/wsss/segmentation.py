@@ -120,33 +120,41 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _same_size_batches(image_paths: list[Path], mask_paths: list[Path], num_classes: int, batch_size: int):
-    """Consecutive pairs of one size, at most ``batch_size`` at a time: (image tensor, masks)."""
+    """Consecutive pairs of one size, at most ``batch_size`` at a time: (images, masks) as arrays."""
     images: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     for image_path, mask_path in zip(image_paths, mask_paths, strict=True):
         image, mask = read_pair(image_path, mask_path, num_classes)
         if images and (image.shape != images[0].shape or len(images) == batch_size):
-            yield torch.stack([augment.to_tensor(i) for i in images]), masks
+            yield images, masks
             images, masks = [], []
         images.append(image)
         masks.append(mask)
     if images:
-        yield torch.stack([augment.to_tensor(i) for i in images]), masks
+        yield images, masks
 
 
 @torch.no_grad()
-def predict_pairs(model: nn.Module, image_paths: list[Path], mask_paths: list[Path], num_classes: int,
-                  batch_size: int = 8, tta_scales: Sequence[float] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(mask, prediction)`` of every pair in order, each image at its own size (``tta_scales``:
-    flip x scale TTA, None = plain); images of one size go through in batches."""
+def predict_images(model: nn.Module, image_paths: list[Path], mask_paths: list[Path], num_classes: int,
+                   batch_size: int = 8, tta_scales: Sequence[float] | None = None
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(image, mask, prediction)`` of every pair in order, each image at its own size
+    (``tta_scales``: flip x scale TTA, None = plain); images of one size go through in batches."""
     if len(image_paths) != len(mask_paths):
         raise ValueError(f"{len(image_paths)} images but {len(mask_paths)} masks")
     model.eval()
     device = _model_device(model)
     for images, masks in _same_size_batches(image_paths, mask_paths, num_classes, batch_size):
-        images = images.to(device)
-        logits = padded_forward(model, images) if tta_scales is None else tta_logits(model, images, tta_scales)
-        yield from zip(masks, logits.argmax(1).cpu().numpy().astype(np.uint8), strict=True)
+        batch = torch.stack([augment.to_tensor(i) for i in images]).to(device)
+        logits = padded_forward(model, batch) if tta_scales is None else tta_logits(model, batch, tta_scales)
+        yield from zip(images, masks, logits.argmax(1).cpu().numpy().astype(np.uint8), strict=True)
+
+
+def predict_pairs(model: nn.Module, image_paths: list[Path], mask_paths: list[Path], num_classes: int,
+                  batch_size: int = 8, tta_scales: Sequence[float] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(mask, prediction)`` of every pair in order: :func:`predict_images` without the image."""
+    for _, mask, prediction in predict_images(model, image_paths, mask_paths, num_classes, batch_size, tta_scales):
+        yield mask, prediction
 
 
 def validation_matrix(model: nn.Module, image_paths: list[Path], mask_paths: list[Path], num_classes: int,

@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 
 from wsss import checkpoint, distributed, tracking
-from wsss.config import IrnetParams, Params, flatten
+from wsss.config import IrnetParams, Params, SegmenterParams, flatten
 from wsss.errors import ConfigError
 from wsss.io import atomic_dir, write_json
-from wsss.models.segmenter import build_segmenter, save_segmenter
-from wsss.segmentation import SegmentationDataset, train_segmenter
+from wsss.models.segmenter import CLASSIFIER_ENCODER, save_segmenter
+from wsss.segmentation import SegmentationDataset
 from wsss.stages.cams import CAMS_DIR
 from wsss.stages.common import load_splits, unfinished_run
 from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
 from wsss.stages.irnet import IRNET_PATH, load_irnet, pseudo_mask_metrics, write_pseudo_masks
-from wsss.stages.segmenter import encoder_inputs, evaluate_model, segmenter_spec
+from wsss.stages.segmenter import encoder_inputs, evaluate_model, fit_tracked, segmenter_spec
 
 CELL_KIND = "cell"
 _NOT_IN_FINGERPRINT = {"workers", "threads"}
@@ -67,6 +67,16 @@ def run_ablation_masks(params: Params, root: Path, threshold: float, out_dir: Pa
     return metrics
 
 
+def cell_segmenter(params: Params, encoder: str) -> SegmenterParams:
+    """A cell's ``segmenter`` group: its encoder and, for an smp encoder, ``ablation.smp_output_stride``
+    when set (the classifier encoder keeps ``segmenter.output_stride``, its own 8)."""
+    update: dict = {"encoder": encoder}
+    smp_stride = params.ablation.smp_output_stride if params.ablation else None
+    if encoder != CLASSIFIER_ENCODER and smp_stride is not None:
+        update["output_stride"] = smp_stride
+    return params.segmenter.model_copy(update=update)
+
+
 def cell_name(encoder: str, threshold: float, person: bool) -> str:
     return f"{encoder}-thr-{threshold:g}-person-{'yes' if person else 'no'}"
 
@@ -77,7 +87,7 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
 
     manifests = load_splits(root)
     train, val = manifests["train"], manifests["val"]
-    config = params.segmenter.model_copy(update={"encoder": encoder})
+    config = cell_segmenter(params, encoder)
     name = cell_name(encoder, threshold, person)
     encoder_weights, weight_files = encoder_inputs(params, root, encoder)
     hashes = tracking.input_hashes({"masks": root / masks_dir / "train", "prepared": root / PREPARED_DIR, "splits": root / SPLITS_DIR,
@@ -86,7 +96,7 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
                                              *distributed.precision_fingerprint())
     checkpoint_dir = root / "checkpoints/ablation" / name
     previous = checkpoint.load_if_compatible(checkpoint_dir / "last.pt", run_fingerprint)
-    spec = segmenter_spec(params, train, encoder)
+    spec = segmenter_spec(params, train, config)
     factors = {"encoder": encoder, "threshold": threshold, "person": person}
     logged = {**{f"ablation.{k}": v for k, v in factors.items()}, "seed": params.seed,
               **flatten(config.model_dump(exclude=_NOT_IN_FINGERPRINT), "segmenter.")}
@@ -96,20 +106,17 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
                             resume_run_id=unfinished_run(previous, config.epochs)) as run:
         dataset = SegmentationDataset([train.image_path(r) for r in train.records], [root / masks_dir / "train" / f"{r.id}.png" for r in train.records],
                                       config.image_size, config.augmentation, params.seed, train.num_classes, config.scale_range)
-        result = train_segmenter(config, params.seed, spec, dataset, [val.image_path(r) for r in val_records],
-                                 [val.mask_path(r) for r in val_records], checkpoint_dir, run_fingerprint,
-                                 encoder_weights=encoder_weights,
-                                 on_epoch=lambda r: mlflow.log_metrics({"loss": r.loss, "val_miou": r.val_miou}, step=r.epoch),
-                                 extra_state={"mlflow_run_id": run.info.run_id}, desc=f"cell {name}")
-        model = build_segmenter(spec)
-        model.load_state_dict(result.best_state)
+        result, model = fit_tracked(config, params.seed, spec, dataset, [val.image_path(r) for r in val_records],
+                                    [val.mask_path(r) for r in val_records], checkpoint_dir, run_fingerprint, encoder_weights,
+                                    run.info.run_id, desc=f"cell {name}")
         save_segmenter(root / model_dir / "model.pt", model, spec, extra={"trained_on": str(masks_dir), "best_epoch": result.best_epoch})
         scores, _, _ = evaluate_model(model, {"val": val}, params.evaluate.tta_scales)
         train_run_id = run.info.run_id
         mlflow.log_metrics({"best_val_miou": result.best_miou, "val_plain_miou": scores["val"]["plain"]["miou"],
                             "val_tta_miou": scores["val"]["tta"]["miou"]})
 
-    metrics = {**factors, "threshold_key": f"irnet.{background_knob(params.irnet)}", "best_epoch": result.best_epoch,
+    metrics = {**factors, "output_stride": config.output_stride, "threshold_key": f"irnet.{background_knob(params.irnet)}",
+               "best_epoch": result.best_epoch,
                "tta_scales": params.evaluate.tta_scales, "val": {"plain": scores["val"]["plain"], "tta": scores["val"]["tta"]},
                "train_run_id": train_run_id}
     metrics["mlflow_run_ids"] = log_cell_runs(params, root, factors, metrics, train_run_id)
@@ -132,7 +139,7 @@ def log_cell_runs(params: Params, root: Path, factors: dict, metrics: dict, trai
         cell = f"{name}-tta-{'yes' if tta else 'no'}"
         scores = metrics["val"][mode]
         with mlflow.start_run(experiment_id=experiment_id, run_name=cell) as run:
-            mlflow.log_params({**factors, "tta": tta, "threshold_key": metrics["threshold_key"],
+            mlflow.log_params({**factors, "tta": tta, "output_stride": metrics["output_stride"], "threshold_key": metrics["threshold_key"],
                                "tta_scales": metrics["tta_scales"] if tta else None})
             mlflow.log_metrics({"val_miou": scores["miou"], "val_mean_accuracy": scores["mean_accuracy"],
                                 "val_pixel_accuracy": scores["pixel_accuracy"],

@@ -56,7 +56,7 @@ def grid_rows(params: Params, root: Path) -> list[dict]:
         raise ConfigError("params.yaml", [("ablation", "required key is missing (the grid's encoders and thresholds)")])
     grid = params.ablation
     cells = _cell_metrics(root)
-    wanted, not_run = {}, []
+    wanted, not_run, strides = {}, [], {}
     for encoder in grid.encoders:
         for threshold in grid.thresholds:
             for person in grid.person:
@@ -64,6 +64,7 @@ def grid_rows(params: Params, root: Path) -> list[dict]:
                 if cell is None or "mlflow_run_ids" not in cell:
                     not_run.append(cell_name(encoder, threshold, person))
                     continue
+                strides[encoder] = cell.get("output_stride")  # absent in cells run before it was recorded
                 for mode in ("plain", "tta"):
                     wanted[cell["mlflow_run_ids"][mode]] = (encoder, threshold, mode == "tta", person)
     if not_run:
@@ -81,7 +82,8 @@ def grid_rows(params: Params, root: Path) -> list[dict]:
     rows = []
     for run_id, (encoder, threshold, tta, person) in wanted.items():
         metrics = found[run_id].data.metrics
-        rows.append({"encoder": encoder, "threshold": threshold, "tta": tta, "person": person, "val_miou": metrics["val_miou"],
+        rows.append({"encoder": encoder, "output_stride": strides[encoder], "threshold": threshold, "tta": tta, "person": person,
+                     "val_miou": metrics["val_miou"],
                      "val_miou_without_person": metrics.get("val_miou_without_person"), "run_id": run_id})
     return rows
 
@@ -107,12 +109,20 @@ def _pct(value: float | None) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
 
+def _strides_sentence(rows: list[dict]) -> str:
+    strides = {row["encoder"]: row.get("output_stride") for row in rows}
+    if not any(strides.values()):
+        return ""
+    return " Output stride: " + ", ".join(f"{encoder} {stride or '?'}" for encoder, stride in strides.items()) + "."
+
+
 def ablation_markdown(rows: list[dict], threshold_key: str, tta_scales: list[float]) -> str:
     """``reports/ablation.md`` (pure: a test can feed it made-up rows)."""
     threshold_title = "IRNet thr." if threshold_key == "irnet.threshold" else "IRNet bg weight"
     lines = ["# wsss: the ablation grid (the paper's Table 3)", "",
              f"Val mIoU (%) of DeepLabv3+ per cell; the threshold column sets `{threshold_key}`; TTA = mean of logits over "
-             f"image and mirror at scales {tta_scales}. Built from the MLflow runs that the cells' tracked metrics name.", "",
+             f"image and mirror at scales {tta_scales}. Built from the MLflow runs that the cells' tracked metrics name."
+             + _strides_sentence(rows), "",
              f"| encoder | {threshold_title} | TTA | person | val mIoU | without the person class | paper (LID val) |",
              "|---|---:|---|---|---:|---:|---:|"]
     for row in sorted(rows, key=lambda r: (r["encoder"], r["threshold"], r["person"], r["tta"])):

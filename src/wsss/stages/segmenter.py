@@ -20,17 +20,18 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from wsss import checkpoint, distributed, tracking, visualize
 from wsss.cam import label_map, load_cams
-from wsss.config import CrfParams, Params, flatten
+from wsss.config import CrfParams, Params, SegmenterParams, flatten
 from wsss.crf import CrfTask, crf_labels, crf_many
 from wsss.data.manifest import ImageRecord, Manifest, load_manifest
 from wsss.errors import DataError
 from wsss.io import read_image, read_json, read_mask, write_csv, write_json
 from wsss.metrics import SegmentationScores, confusion_matrix, segmentation_scores
 from wsss.models.segmenter import CLASSIFIER_ENCODER, SegmenterSpec, build_segmenter, load_segmenter, save_segmenter
-from wsss.segmentation import LAST, SegmentationDataset, predict_pairs, train_segmenter
+from wsss.segmentation import LAST, SegmentationDataset, SegmenterResult, predict_images, predict_pairs, train_segmenter
 from wsss.stages.cams import CAMS_DIR
 from wsss.stages.classifier import MODEL_PATH as CLASSIFIER_PATH
 from wsss.stages.common import unfinished_run
@@ -50,7 +51,6 @@ _NOT_IN_FINGERPRINT = {"workers", "threads"}  # how fast, not what is computed
 # The paper's numbers (LID 2020), for orientation beside this run's.
 PAPER_TABLE2_VAL = {"cam_crf": 0.3106, "irnet": 0.3187, "segmentation_tta": 0.3964}
 MODES = ("plain", "tta", "tta_crf")  # evaluation modes: no TTA, TTA, TTA + dense CRF (evaluate.crf)
-MODE_TITLES = {"plain": "", "tta": " + TTA", "tta_crf": " + TTA + CRF"}
 MODE_NAMES = {"plain": "no TTA", "tta": "TTA", "tta_crf": "TTA + CRF"}
 PAPER_TABLE1_TEST = {"miou": 0.3734, "mean_accuracy": 0.5487, "pixel_accuracy": 0.8364}
 
@@ -60,10 +60,10 @@ def _segmenter_params(params: Params) -> dict:
     return {"seed": params.seed, **flatten(params.segmenter.model_dump(exclude=_NOT_IN_FINGERPRINT), "segmenter.")}
 
 
-def segmenter_spec(params: Params, train: Manifest, encoder: str | None = None) -> SegmenterSpec:
-    """The network of the ``segmenter`` group (``encoder`` replaces its encoder: the ablation)."""
-    config = params.segmenter
-    encoder = encoder or config.encoder
+def segmenter_spec(params: Params, train: Manifest, config: SegmenterParams | None = None) -> SegmenterSpec:
+    """The network of the ``segmenter`` group (or of ``config``, an ablation cell's)."""
+    config = config or params.segmenter
+    encoder = config.encoder
     from_classifier = encoder == CLASSIFIER_ENCODER
     return SegmenterSpec(encoder, train.num_classes, config.output_stride, config.decoder_channels, tuple(train.class_names),
                          tuple(config.atrous_rates), params.classifier.arch if from_classifier else "",
@@ -87,6 +87,23 @@ def _truth_paths(manifest: Manifest, split: str) -> tuple[list[Path], list[Path]
     if not records:
         raise DataError(f"data/splits/{split}.json", f"no {split} image has a ground-truth mask to evaluate on")
     return _paths(manifest, records, manifest.mask_path)
+
+
+def fit_tracked(config: SegmenterParams, seed: int, spec: SegmenterSpec, dataset: SegmentationDataset, val_images: list[Path],
+                val_masks: list[Path], checkpoint_dir: Path, run_fingerprint: str, encoder_weights: str, run_id: str,
+                desc: str) -> tuple[SegmenterResult, nn.Module]:
+    """Train (or resume) DeepLabv3+ inside the active MLflow run ``run_id``: per-epoch loss, val
+    mIoU and learning rate as its metrics, the run id in ``last.pt`` (a resumed run continues the
+    same MLflow run). Returns the result and the network with the best epoch's weights."""
+    import mlflow
+
+    result = train_segmenter(
+        config, seed, spec, dataset, val_images, val_masks, checkpoint_dir, run_fingerprint, encoder_weights=encoder_weights,
+        on_epoch=lambda r: mlflow.log_metrics({"loss": r.loss, "val_miou": r.val_miou, "lr": r.lr}, step=r.epoch),
+        extra_state={"mlflow_run_id": run_id}, desc=desc)
+    model = build_segmenter(spec)
+    model.load_state_dict(result.best_state)
+    return result, model
 
 
 def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_after: bool = False) -> dict:
@@ -121,14 +138,8 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
 
     with tracking.stage_run(stage, params.tracking.experiment, _segmenter_params(params), root=root, hashes=hashes,
                             resume_run_id=unfinished_run(previous, config.epochs)) as run:
-        result = train_segmenter(
-            config, params.seed, spec, dataset, val_images, val_masks, checkpoint_dir, run_fingerprint,
-            encoder_weights=encoder_weights,
-            on_epoch=lambda r: mlflow.log_metrics({"loss": r.loss, "val_miou": r.val_miou, "lr": r.lr}, step=r.epoch),
-            extra_state={"mlflow_run_id": run.info.run_id}, desc=stage,
-        )
-        model = build_segmenter(spec)
-        model.load_state_dict(result.best_state)
+        result, model = fit_tracked(config, params.seed, spec, dataset, val_images, val_masks, checkpoint_dir, run_fingerprint,
+                                    encoder_weights, run.info.run_id, desc=stage)
         model_path = root / (SEGMENTER_PATH if masks == "pseudo" else ORACLE_PATH)
         save_segmenter(model_path, model, spec, extra={"trained_on": masks, "best_epoch": result.best_epoch})
         curve = [{"epoch": r.epoch, "loss": f"{r.loss:.6f}", "val_miou": f"{r.val_miou:.6f}", "lr": f"{r.lr:.6g}"} for r in result.history]
@@ -172,17 +183,23 @@ def final_mode(crf: bool) -> str:
     return "tta_crf" if crf else "tta"
 
 
-def _crf_refined(pairs: Iterable[tuple[Path, np.ndarray, np.ndarray]], crf: CrfParams,
-                 chunk: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(mask, prediction refined by the dense CRF on its image)`` of each ``(image path, mask,
-    prediction)``, in order; a chunk of images at a time is held in memory."""
-    def refine(batch):
-        tasks = [CrfTask(str(path), read_image(path), prediction) for path, _, prediction in batch]
-        refined = dict(crf_many(tasks, crf))
-        return [(mask, refined[str(path)]) for path, mask, _ in batch]
+def mode_suffix(mode: str) -> str:
+    """What a mode adds to a model's name: ``" + TTA + CRF"``, ``" + TTA"``, or nothing."""
+    return "" if mode == "plain" else f" + {MODE_NAMES[mode]}"
 
-    batch: list[tuple[Path, np.ndarray, np.ndarray]] = []
-    for item in pairs:
+
+def crf_refined(items: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]], crf: CrfParams,
+                chunk: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(mask, prediction refined by the dense CRF on its image)`` of each ``(name, image, mask,
+    prediction)``, in order; a chunk of images at a time is held in memory (and spread over the
+    CRF's processes). A failure names the image."""
+    def refine(batch):
+        tasks = [CrfTask(name, image, prediction) for name, image, _, prediction in batch]
+        refined = crf_many(tasks, crf)
+        return [(mask, labels) for (_, _, mask, _), (_, labels) in zip(batch, refined, strict=True)]
+
+    batch: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+    for item in items:
         batch.append(item)
         if len(batch) == chunk:
             yield from refine(batch)
@@ -210,11 +227,11 @@ def evaluate_model(model, manifests: dict[str, Manifest], tta_scales: list[float
             if split == "val" and mode == final and len(kept) < keep:
                 kept.append(prediction)
 
-        def scored_tta() -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
-            pairs = predict_pairs(model, images, masks, num_classes, batch_size, tta_scales)
-            for path, (mask, prediction) in zip(images, pairs, strict=True):
+        def scored_tta() -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+            predictions = predict_images(model, images, masks, num_classes, batch_size, tta_scales)
+            for path, (image, mask, prediction) in zip(images, predictions, strict=True):
                 add("tta", mask, prediction)
-                yield path, mask, prediction
+                yield str(path), image, mask, prediction
 
         for mask, prediction in predict_pairs(model, images, masks, num_classes, batch_size, None):
             add("plain", mask, prediction)
@@ -222,7 +239,7 @@ def evaluate_model(model, manifests: dict[str, Manifest], tta_scales: list[float
             for _ in scored_tta():
                 pass
         else:  # streamed: the CRF refines the TTA predictions a chunk at a time
-            for mask, prediction in _crf_refined(scored_tta(), crf):
+            for mask, prediction in crf_refined(scored_tta(), crf):
                 add("tta_crf", mask, prediction)
         metrics[split] = {mode: _scores_dict(segmentation_scores(matrix), manifest) for mode, matrix in split_matrices.items()}
         matrices[split] = split_matrices[final]
@@ -275,7 +292,7 @@ def _iou_figure(metrics: dict, names: tuple[str, ...], final: str):
     positions = np.arange(len(names))
     bars = (("val", "plain"), ("val", final), ("test", final))
     for offset, (split, mode) in zip((-0.27, 0.0, 0.27), bars, strict=True):
-        label = split + MODE_TITLES[mode]
+        label = split + mode_suffix(mode)
         values = [metrics[split][mode]["iou"][n] or 0.0 for n in names]
         axis.barh(positions + offset, values, height=0.27, label=f"{label} (mIoU {metrics[split][mode]['miou']:.3f})")
     axis.set_yticks(positions, names)
@@ -316,7 +333,7 @@ def run_evaluate(params: Params, root: Path) -> dict:
         val = manifests["val"]
         examples = [r for r in val.records if r.mask is not None][: len(predictions)]
         if examples:
-            figures["figure2.png"] = _figure2(params, root, val, examples, predictions, f"DeepLabv3+{MODE_TITLES[final]}")
+            figures["figure2.png"] = _figure2(params, root, val, examples, predictions, f"DeepLabv3+{mode_suffix(final)}")
         for name, figure in figures.items():
             figure.savefig(plots / name, dpi=110)
             mlflow.log_figure(figure, name)
@@ -360,7 +377,7 @@ def summary_markdown(stage_metrics: dict[str, dict]) -> str:
     final = evaluate.get("final_mode", "tta")
     test_final = evaluate["test"][final]
     test_modes = list(dict.fromkeys(mode for mode in (final, *reversed(MODES)) if mode in evaluate["test"]))
-    val_rows = [(f"Segmentation{MODE_TITLES[mode]}", evaluate["val"][mode]) for mode in MODES if mode in evaluate["val"]]
+    val_rows = [(f"Segmentation{mode_suffix(mode)}", evaluate["val"][mode]) for mode in MODES if mode in evaluate["val"]]
     lines = [
         "# wsss: summary of this run",
         "",
