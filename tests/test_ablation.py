@@ -16,7 +16,9 @@ from wsss.data.manifest import ImageRecord, Manifest
 from wsss.errors import ConfigError, DataError
 from wsss.io import read_mask
 from wsss.person import merge_person, person_view, shows_person
-from wsss.stages.ablation import background_knob, cell_segmenter, with_threshold
+from wsss.stages.ablation import with_threshold
+from wsss.stages.ablation_cell import cell_segmenter
+from wsss.stages.common import background_knob
 from wsss.stages.ablation_report import ablation_markdown, factor_effects
 from wsss.stages.person import binary_scores
 

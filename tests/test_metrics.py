@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsss.metrics import confusion_matrix, multilabel_f1, segmentation_scores
+from wsss.metrics import confusion_matrix, multilabel_f1, predicted_instead, segmentation_scores
 
 
 def test_confusion_matrix_by_hand_with_ignored_pixels():
@@ -54,3 +54,15 @@ def test_multilabel_f1_by_hand():
     assert np.allclose(scores.per_class, [1.0, 2 / 3, 1.0])
     assert scores.micro == pytest.approx(2 * 3 / (2 * 3 + 1))
     assert scores.macro == pytest.approx((1 + 2 / 3 + 1) / 3)
+
+
+def test_predictions_of_one_class_moved_to_background():
+    truth = np.array([[0, 0, 1, 2], [2, 2, 1, 0]])
+    predicted = np.array([[0, 2, 1, 2], [2, 0, 2, 0]])
+    matrix = confusion_matrix(truth, predicted, num_classes=3)
+    moved = predicted_instead(matrix, class_id=2)
+    assert np.array_equal(moved, confusion_matrix(truth, np.where(predicted == 2, 0, predicted), num_classes=3))
+    assert moved.sum() == matrix.sum() and moved[:, 2].sum() == 0
+    scores = segmentation_scores(moved)
+    assert scores.iou[2] == 0.0 and scores.iou[1] == pytest.approx(1 / 2)  # class 1 untouched: 1 of 2 true pixels
+    assert np.array_equal(matrix, confusion_matrix(truth, predicted, num_classes=3))  # the input is not changed

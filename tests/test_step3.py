@@ -55,7 +55,7 @@ def test_step3_stages_train_evaluate_and_report(step2_project):
     for split in ("val", "test"):
         for mode in ("plain", "tta", "tta_crf"):
             scores = evaluate[split][mode]
-            assert set(scores) >= {"miou", "mean_accuracy", "pixel_accuracy", "iou", "miou_without_person"}
+            assert set(scores) >= {"miou", "mean_accuracy", "pixel_accuracy", "iou", "miou_without_person", "miou_person_as_background"}
             assert 0 <= scores["miou"] <= 1 and 0 <= scores["pixel_accuracy"] <= 1
             assert 0 <= oracle[split][mode]["miou"] <= 1
         assert evaluate[split]["tta_gain_miou"] == pytest.approx(evaluate[split]["tta"]["miou"] - evaluate[split]["plain"]["miou"])
@@ -147,6 +147,12 @@ def test_summary_tables_and_the_ratio_to_the_upper_bound():
     table1 = text.split("## Table 1")[1].split("## Weak")[0]
     assert table1.index("| this run, TTA + CRF | 54.00 |") < table1.index("| this run, TTA | 51.00 |") < table1.index("no TTA")
     assert "**75.00 %** of the upper bound's test mIoU" in text and "With TTA only (no CRF on either model): 85.00 %." in text
+    # the ceiling of a model that never predicts the person: the upper bound with its person pixels as background
+    capped = {**crf, "oracle": {"available": True, "test": {"tta": {**_scores(0.60), "miou_person_as_background": 0.48},
+                                                            "tta_crf": {**_scores(0.72), "miou_person_as_background": 0.63}}}}
+    text = summary_markdown(capped)
+    assert "turned background score 63.00 mIoU, **87.50 %** of the upper bound." in text
+    assert "With TTA only (no CRF on either model): 85.00 % (ceiling 80.00 %)." in text
     stale = summary_markdown({**crf, "oracle": {"available": True, "test": {"tta": _scores(0.60)}}})
     assert "The upper bound was not scored with TTA + CRF" in stale and "of the upper bound's test mIoU" not in stale
     unavailable = summary_markdown({**metrics, "oracle": {"available": False, "reason": "no masks"}})

@@ -53,9 +53,7 @@ from wsss.io import read_image, read_json, read_mask, write_json, write_mask_png
 from wsss.ir_labels import IrInput, ir_labels_many
 from wsss.irnet import IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
-from wsss.stages.cams import CAMS_DIR, INDEX
-from wsss.stages.classifier import MODEL_PATH as CLASSIFIER_PATH
-from wsss.stages.data import SPLITS_DIR
+from wsss.stages.paths import CAMS_DIR, CLASSIFIER_PATH, INDEX_FILE, SPLITS_DIR
 from wsss.stages.ir_labels import confident_ids
 from wsss.stages.irnet import TRAIN_KEYS, load_irnet, masks_from_walk, pseudo_masks, walk_chunk
 
@@ -188,7 +186,7 @@ class TrialEvaluator:
         self.params, self.root = params, Path(root)
         self.train = load_manifest(self.root / SPLITS_DIR / "train.json")
         self.val_manifest = load_manifest(self.root / SPLITS_DIR / "val.json")
-        self.index = read_json(self.root / CAMS_DIR / INDEX)
+        self.index = read_json(self.root / CAMS_DIR / INDEX_FILE)
         self.num_classes = self.val_manifest.num_classes
         self.cache = self.root / CACHE_DIR
         self.irnet_trainings = 0  # IRNets trained (not loaded from the cache) by this evaluator
@@ -508,7 +506,7 @@ def run_sweep(params: Params, root: Path, resume: bool = False, workers: int = 1
     if problems:
         raise ConfigError(params_path or "params.yaml", problems)
     root = Path(root)
-    for needed in (SPLITS_DIR / "train.json", SPLITS_DIR / "val.json", CAMS_DIR / INDEX, CLASSIFIER_PATH):
+    for needed in (SPLITS_DIR / "train.json", SPLITS_DIR / "val.json", CAMS_DIR / INDEX_FILE, CLASSIFIER_PATH):
         if not (root / needed).is_file():
             raise DataError(root / needed, "not found: the sweep starts from the pipeline's CAMs and classifier; "
                                            "run `dvc repro pipelines/sweep/dvc.yaml` (or `dvc repro cams` first)")

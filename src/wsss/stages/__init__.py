@@ -13,6 +13,7 @@ def _lazy(module: str, function: str) -> Callable[[Any, Path], Any]:
 
         return getattr(importlib.import_module(f"wsss.stages.{module}"), function)(params, root)
 
+    run.module = f"wsss.stages.{module}"  # what the stage runs (its dvc.yaml code deps are checked against it)
     return run
 
 
@@ -57,6 +58,7 @@ def _ablation(function: str, *names: str) -> Callable[[Any, Path, Any], Any]:
                 check_output_path(root, getattr(args, option), f"--{option}")
         return getattr(importlib.import_module(f"wsss.stages.{module}"), name)(params, root, *(getattr(args, n) for n in names))
 
+    run.module = f"wsss.stages.{module}"
     return run
 
 
@@ -64,6 +66,6 @@ ABLATION_STAGES: dict[str, Callable[[Any, Path, Any], Any]] = {
     "person-classifier": _ablation("person.run_person_classifier"),
     "ablation-masks": _ablation("ablation.run_ablation_masks", "threshold", "out", "metrics"),
     "person-masks": _ablation("person.run_person_masks", "masks", "out", "metrics"),
-    "ablation-cell": _ablation("ablation.run_ablation_cell", "encoder", "threshold", "person", "masks", "model", "metrics"),
+    "ablation-cell": _ablation("ablation_cell.run_ablation_cell", "encoder", "threshold", "person", "masks", "model", "metrics"),
     "ablation-report": _ablation("ablation_report.run_ablation_report"),
 }

@@ -15,7 +15,7 @@ from wsss import tracking, visualize
 from wsss.config import Params, flatten
 from wsss.errors import ConfigError, DataError
 from wsss.io import atomic_write_bytes, read_json
-from wsss.stages.ablation import background_knob, cell_name
+from wsss.stages.common import background_knob, cell_name
 
 REPORT = Path("reports/ablation.md")
 METRICS_DIR = Path("metrics/ablation")

@@ -20,12 +20,8 @@ from wsss.data.manifest import Manifest, load_manifest
 from wsss.io import write_csv, write_json
 from wsss.metrics import segmentation_scores
 from wsss.models.classifier import load_trained_classifier
-from wsss.stages.classifier import MODEL_PATH
-from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
+from wsss.stages.paths import CAMS_DIR, CAMS_METRICS, CLASSIFIER_PATH, INDEX_FILE, PREPARED_DIR, SPLITS_DIR
 
-CAMS_DIR = Path("cams")
-INDEX = "index.json"
-METRICS = Path("metrics/cams.json")
 PER_CLASS_PLOT = Path("plots/cams/per_class_iou.csv")
 SPLITS = ("train", "val")
 
@@ -107,7 +103,7 @@ def write_cams(model, class_ids: list[int], manifests: dict[str, Manifest], stag
         summaries = compute_cams(model, class_ids, share, staging / name, params.cams, context.device, desc=f"cams {name}")
         index["images"][name] = distributed.gather_json([vars(summary) for summary in summaries], context)
     if context.is_main:
-        write_json(staging / INDEX, index)
+        write_json(staging / INDEX_FILE, index)
     val = manifests["val"]
     evaluation = evaluate_cams(val.derive(distributed.shard(val.records, context)), staging / "val", params.cams, params.crf,
                                params.cams.num_overlays if context.is_main else 0)
@@ -120,14 +116,14 @@ def run_cams(params: Params, root: Path) -> dict | None:
     import mlflow
 
     manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in SPLITS}
-    model, state = load_trained_classifier(root / MODEL_PATH)
+    model, state = load_trained_classifier(root / CLASSIFIER_PATH)
     context = distributed.current()
     torch.set_num_threads(context.cpu_threads())
     if not context.is_main:  # a torchrun process but rank 0: its share of the CAMs, nothing logged
         with distributed.shared_atomic_dir(root / CAMS_DIR, context) as staging:
             write_cams(model, state["class_ids"], manifests, staging, params)
         return None
-    hashes = tracking.input_hashes({"model": root / MODEL_PATH, "splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
+    hashes = tracking.input_hashes({"model": root / CLASSIFIER_PATH, "splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
 
     with tracking.stage_run("cams", params.tracking.experiment, stage_params(params), root=root, hashes=hashes):
         with distributed.shared_atomic_dir(root / CAMS_DIR, context) as staging:
@@ -137,7 +133,7 @@ def run_cams(params: Params, root: Path) -> dict | None:
         confidences = [entry["confidence"] for entry in index["images"]["train"]]
         metrics["train_confidence_median"] = float(np.median(confidences)) if confidences else None
         write_csv(root / PER_CLASS_PLOT, _per_class_rows(metrics))
-        write_json(root / METRICS, metrics)
+        write_json(root / CAMS_METRICS, metrics)
 
         mlflow.log_metrics({"cam_miou": metrics["cam"]["miou"], "cam_crf_miou": metrics["cam_crf"]["miou"],
                             "crf_gain_miou": metrics["crf_gain_miou"],
@@ -148,5 +144,5 @@ def run_cams(params: Params, root: Path) -> dict | None:
             if figure is not None:
                 mlflow.log_figure(figure, name)
                 visualize.close(figure)
-        mlflow.log_artifact(str(root / METRICS))
+        mlflow.log_artifact(str(root / CAMS_METRICS))
     return metrics

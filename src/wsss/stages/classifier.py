@@ -18,9 +18,8 @@ from wsss.data.manifest import load_manifest
 from wsss.io import write_csv, write_json
 from wsss.models.classifier import classifier_state
 from wsss.stages.common import unfinished_run
-from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
+from wsss.stages.paths import CLASSIFIER_PATH, PREPARED_DIR, SPLITS_DIR
 
-MODEL_PATH = Path("models/classifier/model.pt")
 CHECKPOINT_DIR = Path("checkpoints/classifier")
 METRICS = Path("metrics/classifier.json")
 CURVE = Path("plots/classifier/training.csv")
@@ -86,7 +85,7 @@ def run_train_classifier(params: Params, root: Path) -> TrainResult:
         best = checkpoint.load(root / CHECKPOINT_DIR / BEST)
         state = classifier_state(best["model"], params.classifier.arch, params.classifier.extra_convs, result.class_ids,
                                  train.class_names, params.classifier.image_size)
-        checkpoint.save(root / MODEL_PATH, state)
+        checkpoint.save(root / CLASSIFIER_PATH, state)
 
         metrics = {
             "best_epoch": result.best_epoch,
@@ -100,7 +99,7 @@ def run_train_classifier(params: Params, root: Path) -> TrainResult:
         write_json(root / METRICS, metrics)
         mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_macro_f1": result.best.macro_f1,
                             "best_val_micro_f1": result.best.micro_f1})
-        mlflow.set_tags({"wsss.output.model": str(MODEL_PATH), "wsss.resumed_from_epoch": str(result.resumed_from)})
+        mlflow.set_tags({"wsss.output.model": str(CLASSIFIER_PATH), "wsss.resumed_from_epoch": str(result.resumed_from)})
         figure = training_curve_figure(result)
         mlflow.log_figure(figure, "training_curves.png")
         visualize.close(figure)

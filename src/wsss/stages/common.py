@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from wsss.config import IrnetParams
 from wsss.data.manifest import Manifest, load_manifest
-from wsss.stages.data import SPLITS_DIR
+from wsss.stages.paths import SPLITS_DIR
 
 
 def load_splits(root: Path, names=("train", "val")) -> dict[str, Manifest]:
@@ -19,3 +20,12 @@ def unfinished_run(previous: dict | None, epochs: int) -> str | None:
     if previous is None or previous.get("epoch", 0) >= epochs:
         return None
     return previous.get("mlflow_run_id")
+
+
+def background_knob(walk: IrnetParams) -> str:
+    """The IRNet param a Table-3 threshold sets: ``threshold`` (plane) or ``bg_weight`` (walk)."""
+    return "threshold" if walk.background == "plane" else "bg_weight"
+
+
+def cell_name(encoder: str, threshold: float, person: bool) -> str:
+    return f"{encoder}-thr-{threshold:g}-person-{'yes' if person else 'no'}"

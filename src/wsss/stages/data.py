@@ -17,9 +17,8 @@ from wsss.data.manifest import Manifest, load_manifest
 from wsss.data.prepare import MANIFEST_NAME, prepare_dataset
 from wsss.data.split import SplitResult, split_records, write_splits
 from wsss.io import read_image, read_mask, write_csv, write_json
+from wsss.stages.paths import PREPARED_DIR, SPLITS_DIR
 
-PREPARED_DIR = Path("data/prepared")
-SPLITS_DIR = Path("data/splits")
 PREPARE_METRICS = Path("metrics/prepare.json")
 DATA_METRICS = Path("metrics/data.json")
 CLASS_HISTOGRAM = Path("plots/data/class_histogram.csv")

@@ -21,10 +21,8 @@ from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError
 from wsss.io import read_image, read_json, read_mask, write_json, write_mask_png
 from wsss.ir_labels import IrInput, ir_labels_many, label_statistics
-from wsss.stages.cams import CAMS_DIR, INDEX
-from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
+from wsss.stages.paths import CAMS_DIR, INDEX_FILE, IR_LABELS_DIR, PREPARED_DIR, SPLITS_DIR
 
-IR_LABELS_DIR = Path("ir_labels")
 METRICS = Path("metrics/ir_labels.json")
 CHUNK = 256  # images per CRF batch: bounds memory on large datasets
 
@@ -70,7 +68,7 @@ def write_ir_labels(train, records, root: Path, staging: Path, params: Params) -
             for key, value in counts.items():
                 totals[key] += value
     if context.is_main:
-        write_json(staging / INDEX, {"confidence_cutoff": params.irnet.confidence_cutoff, "ids": [r.id for r in records]})
+        write_json(staging / INDEX_FILE, {"confidence_cutoff": params.irnet.confidence_cutoff, "ids": [r.id for r in records]})
     summed = distributed.all_reduce_sum(np.array([totals[key] for key in TOTALS], dtype=np.int64), context)
     return {key: int(value) for key, value in zip(TOTALS, summed, strict=True)}
 
@@ -79,7 +77,7 @@ def run_ir_labels(params: Params, root: Path) -> dict | None:
     import mlflow
 
     train = load_manifest(root / SPLITS_DIR / "train.json")
-    index = read_json(root / CAMS_DIR / INDEX)
+    index = read_json(root / CAMS_DIR / INDEX_FILE)
     kept = set(confident_ids(index, params.irnet.confidence_cutoff))
     records = [r for r in train.records if r.id in kept]
     if not distributed.current().is_main:  # a torchrun process but rank 0: its share, nothing logged

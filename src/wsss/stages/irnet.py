@@ -28,17 +28,12 @@ from wsss.io import read_image, read_json, read_mask, write_csv, write_json, wri
 from wsss.irnet import LAST, IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.random_walk import propagate_many, pseudo_mask, walk_seeds
-from wsss.stages.cams import CAMS_DIR, INDEX
-from wsss.stages.cams import METRICS as CAMS_METRICS
-from wsss.stages.classifier import MODEL_PATH as CLASSIFIER_PATH
 from wsss.stages.common import unfinished_run
-from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
-from wsss.stages.ir_labels import IR_LABELS_DIR
+from wsss.stages.paths import (CAMS_DIR, CAMS_METRICS, CLASSIFIER_PATH, INDEX_FILE, IR_LABELS_DIR, IRNET_PATH, PREPARED_DIR,
+                               PSEUDO_DIR, SPLITS_DIR)
 
-IRNET_PATH = Path("models/irnet/model.pt")
 CHECKPOINT_DIR = Path("checkpoints/irnet")
 IRNET_METRICS = Path("metrics/irnet.json")
-PSEUDO_DIR = Path("pseudo_masks")
 PSEUDO_METRICS = Path("metrics/pseudo_masks.json")
 PSEUDO_PLOT = Path("plots/pseudo_masks/per_class_iou.csv")
 TRAIN_KEYS = ("backbone", "backbone_weights", "train_radius", "train_scales", "crop_size", "batch_size", "epochs",
@@ -51,7 +46,7 @@ def run_train_irnet(params: Params, root: Path) -> dict:
     import mlflow
 
     train = load_manifest(root / SPLITS_DIR / "train.json")
-    kept = set(read_json(root / IR_LABELS_DIR / INDEX)["ids"])
+    kept = set(read_json(root / IR_LABELS_DIR / INDEX_FILE)["ids"])
     records = [r for r in train.records if r.id in kept]
     hashes = tracking.input_hashes({"ir_labels": root / IR_LABELS_DIR, "classifier": root / CLASSIFIER_PATH, "prepared": root / PREPARED_DIR})
     config = {key: getattr(params.irnet, key) for key in TRAIN_KEYS}

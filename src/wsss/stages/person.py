@@ -27,9 +27,8 @@ from wsss.io import atomic_dir, read_image, read_json, read_mask, write_json, wr
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.models.classifier import classifier_state, load_trained_classifier
 from wsss.person import merge_person, person_view, shows_person
-from wsss.stages.cams import INDEX
 from wsss.stages.common import load_splits, unfinished_run
-from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
+from wsss.stages.paths import INDEX_FILE, PREPARED_DIR, SPLITS_DIR
 
 PERSON_MODEL = Path("models/person_classifier/model.pt")
 PERSON_CHECKPOINTS = Path("checkpoints/person_classifier")
@@ -80,7 +79,7 @@ def run_person_classifier(params: Params, root: Path) -> dict:
                 everyone = manifest.derive([replace(r, labels=(person,)) for r in manifest.records])  # a map for every image
                 summaries = compute_cams(model, [person], everyone, staging / split, params.cams, desc=f"person cams {split}")
                 probability[split] = {s.id: s.confidence for s in summaries}
-            write_json(staging / INDEX, {"class_id": person, "probability": probability})
+            write_json(staging / INDEX_FILE, {"class_id": person, "probability": probability})
 
         threshold = params.person.presence_threshold
         val_truth = np.array([person in r.labels for r in val.records])
@@ -107,7 +106,7 @@ def run_person_masks(params: Params, root: Path, masks_dir: Path, out_dir: Path,
 
     manifests = load_splits(root)
     person = manifests["train"].person_class
-    index = read_json(root / PERSON_CAMS / INDEX)
+    index = read_json(root / PERSON_CAMS / INDEX_FILE)
     config = params.person
     num_classes = manifests["val"].num_classes
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -125,7 +124,7 @@ def run_person_masks(params: Params, root: Path, masks_dir: Path, out_dir: Path,
                     try:
                         probability = float(index["probability"][split][record.id])
                     except KeyError:
-                        raise DataError(root / PERSON_CAMS / INDEX, f"no person probability for {split} image {record.id}") from None
+                        raise DataError(root / PERSON_CAMS / INDEX_FILE, f"no person probability for {split} image {record.id}") from None
                     # val: its labels are complete (from the masks) and, as for every other class of the
                     # val pseudo masks, they decide; train: the noisy labels or the classifier
                     present = (person in record.labels if split != "train"

@@ -29,14 +29,11 @@ from wsss.crf import CrfTask, crf_labels, crf_many
 from wsss.data.manifest import ImageRecord, Manifest, load_manifest
 from wsss.errors import DataError
 from wsss.io import read_image, read_json, read_mask, write_csv, write_json
-from wsss.metrics import SegmentationScores, confusion_matrix, segmentation_scores
+from wsss.metrics import confusion_matrix, predicted_instead, segmentation_scores
 from wsss.models.segmenter import CLASSIFIER_ENCODER, SegmenterSpec, build_segmenter, load_segmenter, save_segmenter
 from wsss.segmentation import LAST, SegmentationDataset, SegmenterResult, predict_images, predict_pairs, train_segmenter
-from wsss.stages.cams import CAMS_DIR
-from wsss.stages.classifier import MODEL_PATH as CLASSIFIER_PATH
 from wsss.stages.common import unfinished_run
-from wsss.stages.data import PREPARED_DIR, SPLITS_DIR
-from wsss.stages.irnet import PSEUDO_DIR
+from wsss.stages.paths import CAMS_DIR, CLASSIFIER_PATH, PREPARED_DIR, PSEUDO_DIR, SPLITS_DIR
 
 SEGMENTER_PATH = Path("models/segmenter/model.pt")
 ORACLE_PATH = Path("models/oracle/model.pt")
@@ -166,10 +163,13 @@ def run_train_segmenter(params: Params, root: Path) -> dict:
     return metrics
 
 
-def _scores_dict(scores: SegmentationScores, manifest: Manifest) -> dict:
+def _scores_dict(matrix: np.ndarray, manifest: Manifest) -> dict:
+    scores = segmentation_scores(matrix)
     result = scores.as_dict(manifest.class_names)
     if manifest.person_class is not None:
         result["miou_without_person"] = scores.miou_without(manifest.person_class)
+        # what this model would score if it never predicted the person (as a model without person labels cannot)
+        result["miou_person_as_background"] = segmentation_scores(predicted_instead(matrix, manifest.person_class)).miou
     return result
 
 
@@ -241,7 +241,7 @@ def evaluate_model(model, manifests: dict[str, Manifest], tta_scales: list[float
         else:  # streamed: the CRF refines the TTA predictions a chunk at a time
             for mask, prediction in crf_refined(scored_tta(), crf):
                 add("tta_crf", mask, prediction)
-        metrics[split] = {mode: _scores_dict(segmentation_scores(matrix), manifest) for mode, matrix in split_matrices.items()}
+        metrics[split] = {mode: _scores_dict(matrix, manifest) for mode, matrix in split_matrices.items()}
         matrices[split] = split_matrices[final]
         metrics[split]["tta_gain_miou"] = metrics[split]["tta"]["miou"] - metrics[split]["plain"]["miou"]
         if crf is not None:
@@ -419,8 +419,15 @@ def summary_markdown(stage_metrics: dict[str, dict]) -> str:
             + (f"; {_pct(_ratio(test_final['miou_without_person'], upper['miou_without_person']))} % without the person class, "
                "whose labels the weak model never sees (the paper drops them)." if "miou_without_person" in upper else "."),
         ]
+        if "miou_person_as_background" in upper:
+            lines += ["", "Ceiling of a model that never predicts the person class (the paper's, which drops its labels): the upper "
+                          f"bound's own predictions with every person pixel turned background score {_pct(upper['miou_person_as_background'])} "
+                          f"mIoU, **{_pct(_ratio(upper['miou_person_as_background'], upper['miou']))} %** of the upper bound."]
         if final != "tta" and "tta" in oracle["test"]:
-            lines += ["", f"With TTA only (no CRF on either model): {_pct(_ratio(evaluate['test']['tta']['miou'], oracle['test']['tta']['miou']))} %."]
+            tta_upper = oracle["test"]["tta"]
+            ceiling = (f" (ceiling {_pct(_ratio(tta_upper['miou_person_as_background'], tta_upper['miou']))} %)"
+                       if "miou_person_as_background" in tta_upper else "")
+            lines += ["", f"With TTA only (no CRF on either model): {_pct(_ratio(evaluate['test']['tta']['miou'], tta_upper['miou']))} %{ceiling}."]
     else:
         lines.append(f"No upper bound: {oracle.get('reason', 'the oracle stage did not run')}.")
     lines += ["", "Per-class IoU, the confusion matrix and Figure 2 (image | CAM + CRF | pseudo mask | prediction | "
