@@ -147,7 +147,7 @@ def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_
     person = json.loads((root / "metrics/person_classifier.json").read_text())
     assert 0 <= person["val"]["f1"] <= 1 and person["val"]["images"] > 0
     plain = json.loads((root / "metrics/ablation/masks-thr-1.6-person-false.json").read_text())
-    assert plain["threshold_key"] == "irnet.bg_weight" and plain["bg_weight"] == 1.6
+    assert plain["threshold_key"] == "irnet.bg_weight" and plain["bg_weight"] == 1.6 and "threshold" not in plain
     assert plain["val"]["iou"]["coat"] in (None, 0.0)  # no person in the plain pseudo masks
     assert len(mlflow.search_runs(experiment_names=["ablation"])) == 2  # 1 cell x TTA off/on
     assert not stages_run(run_ok(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root, env))  # nothing changed, nothing runs

@@ -153,11 +153,14 @@ def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project):
     assert len(client.get_metric_history(runs.iloc[-2]["run_id"], "total")) == irnet["steps"]  # losses per step
     assert "pseudo_mask_overlays.png" in {a.path for a in client.list_artifacts(runs.iloc[-1]["run_id"])}
     assert pseudo["background"] == "walk" and pseudo["post_crf"] and 0 <= pseudo["val_before_crf_miou"] <= 1
+    used = yaml.safe_load((root / "params.yaml").read_text())["irnet"]["bg_weight"]
+    assert pseudo["bg_weight"] == used and "threshold" not in pseudo  # the background knob in use only
 
     # the paper's way: a constant background plane, no CRF after the walk
     (root / "params.yaml").write_text(yaml.safe_dump(make_document({**STEP2, "irnet.background": "plane", "irnet.post_crf": False})))
     assert main(["pseudo-masks", "--root", str(root)]) == 0
     plane = json.loads((root / "metrics/pseudo_masks.json").read_text())
     assert plane["background"] == "plane" and "val_before_crf_miou" not in plane
+    assert "threshold" in plane and "bg_weight" not in plane
     for record in val.records:
         assert set(np.unique(read_mask(root / "pseudo_masks" / "val" / f"{record.id}.png"))) <= {0, *record.labels}

@@ -28,7 +28,7 @@ from wsss.io import read_image, read_json, read_mask, write_csv, write_json, wri
 from wsss.irnet import LAST, IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.random_walk import propagate_many, pseudo_mask, walk_seeds
-from wsss.stages.common import unfinished_run
+from wsss.stages.common import background_knob, unfinished_run
 from wsss.stages.paths import (CAMS_DIR, CAMS_METRICS, CLASSIFIER_PATH, INDEX_FILE, IR_LABELS_DIR, IRNET_PATH, PREPARED_DIR,
                                PSEUDO_DIR, SPLITS_DIR)
 
@@ -179,10 +179,12 @@ def write_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, o
 
 def pseudo_mask_metrics(matrix: np.ndarray, walk_matrix: np.ndarray, val: Manifest, walk: IrnetParams) -> dict:
     """``metrics/pseudo_masks.json``'s scores: val mIoU and per-class IoU (without the person class
-    too), how the masks were made, and with ``walk.post_crf`` the mIoU before the CRF."""
+    too), how the masks were made (the background knob in use only: the other one does not change
+    them), and with ``walk.post_crf`` the mIoU before the CRF."""
     scores = segmentation_scores(matrix)
-    metrics = {"val": scores.as_dict(val.class_names), "background": walk.background, "threshold": walk.threshold,
-               "bg_weight": walk.bg_weight, "post_crf": walk.post_crf}
+    knob = background_knob(walk)
+    metrics = {"val": scores.as_dict(val.class_names), "background": walk.background, knob: getattr(walk, knob),
+               "post_crf": walk.post_crf}
     if val.person_class is not None:
         metrics["val"]["miou_without_person"] = scores.miou_without(val.person_class)
     if walk.post_crf:
