@@ -6,72 +6,19 @@ sweep); what that module imports, at module or function level, transitively, is 
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import yaml
 
+from wsss import provenance
+from wsss.provenance import code_closure
 from wsss.stages import ABLATION_STAGES, STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = ("dvc.yaml", "pipelines/ablation/dvc.yaml", "pipelines/sweep/dvc.yaml")
 # Library files that no stage output depends on, and why; every other file a stage imports is a dep.
-NOT_OUTPUT_CODE = {
-    "src/wsss/__init__.py": "the version string",
-    "src/wsss/cli.py": "the command line's dispatch",
-    "src/wsss/stages/__init__.py": "the stage registry's dispatch",
-    "src/wsss/config.py": "the params schema: the values a stage reads are its `params:` entries",
-    "src/wsss/errors.py": "error types and their messages",
-    "src/wsss/tracking.py": "MLflow runs, which are not DVC outputs",
-    "src/wsss/stages/paths.py": "the layout: dvc.yaml names the same paths as outs and deps",
-}
-
-
-def _module_file(src: Path, module: str) -> Path | None:
-    path = src.joinpath(*module.split("."))
-    for candidate in (path / "__init__.py", path.with_suffix(".py")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _imports(src: Path, package: str, path: Path) -> set[str]:
-    """The modules of ``package`` that ``path`` imports anywhere (function-level imports included),
-    with their parent packages."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    modules = set()
-    for name in found:
-        parts = name.split(".")
-        if parts[0] == package:
-            modules.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
-    return {m for m in modules if _module_file(src, m) is not None}
-
-
-def code_closure(src: Path, module: str) -> set[Path]:
-    """The files of ``module`` and of every module of its package it imports, transitively."""
-    package = module.split(".")[0]
-    seen: set[str] = set()
-    pending = [module]
-    while pending:
-        name = pending.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        pending.extend(_imports(src, package, _module_file(src, name)))
-    return {_module_file(src, name) for name in seen}
-
-
-def _package_marker(path: Path) -> bool:
-    """An ``__init__.py`` with nothing but a docstring: it cannot change what a stage computes."""
-    body = ast.parse(path.read_text()).body
-    return path.name == "__init__.py" and all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+NOT_OUTPUT_CODE = {f"src/{path}": why for path, why in provenance.NOT_OUTPUT_CODE.items()}
 
 
 def _stage_module(command_line: str) -> tuple[str, str]:
@@ -103,7 +50,7 @@ def test_every_stage_depends_on_the_code_it_runs(pipeline):
     for name, stage in stages.items():
         script, module = _stage_module(stage["cmd"])
         deps = [dep if isinstance(dep, str) else next(iter(dep)) for dep in stage.get("deps", [])]
-        needed = {script} | {p.relative_to(REPO).as_posix() for p in code_closure(REPO / "src", module) if not _package_marker(p)}
+        needed = {script} | {p.relative_to(REPO).as_posix() for p in code_closure(REPO / "src", module) if not provenance.package_marker(p)}
         absent = sorted(f for f in needed - NOT_OUTPUT_CODE.keys()
                         if not any(f == dep or f.startswith(dep.rstrip("/") + "/") for dep in deps))
         if absent:

@@ -50,10 +50,22 @@ def test_multilabel_f1_by_hand():
     probabilities = np.array([[0.9, 0.2, 0.1], [0.8, 0.7, 0.1], [0.1, 0.6, 0.1]])
     targets = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0]])
     scores = multilabel_f1(probabilities, targets)
-    # class 0: tp 2 -> 1.0; class 1: tp 1, fp 1 -> 2/3; class 2: nothing to find, nothing found -> 1
-    assert np.allclose(scores.per_class, [1.0, 2 / 3, 1.0])
+    # class 0: tp 2 -> 1.0; class 1: tp 1, fp 1 -> 2/3; class 2: nothing to find, nothing found -> no F1
+    assert np.allclose(scores.per_class[:2], [1.0, 2 / 3]) and np.isnan(scores.per_class[2])
     assert scores.micro == pytest.approx(2 * 3 / (2 * 3 + 1))
-    assert scores.macro == pytest.approx((1 + 2 / 3 + 1) / 3)
+    assert scores.macro == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_macro_f1_leaves_out_classes_absent_from_truth_and_prediction():
+    # the case: car found nowhere (0), cat half right (0.5), dog missed (0), two classes absent everywhere
+    targets = np.array([[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0]])
+    probabilities = np.array([[0.1, 0.9, 0.1, 0.1, 0.1], [0.1, 0.9, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1, 0.1]])
+    scores = multilabel_f1(probabilities, targets)
+    assert scores.per_class[0] == 0.0 and scores.per_class[1] == pytest.approx(0.5) and scores.per_class[2] == 0.0
+    assert np.isnan(scores.per_class[3:]).all()
+    assert scores.macro == pytest.approx(0.5 / 3)
+    empty = multilabel_f1(np.zeros((2, 2)), np.zeros((2, 2)))
+    assert np.isnan(empty.macro) and np.isnan(empty.micro)
 
 
 def test_predictions_of_one_class_moved_to_background():

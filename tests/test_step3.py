@@ -17,7 +17,7 @@ from wsss.cli import main
 from wsss.data.manifest import load_manifest
 from wsss.io import read_mask
 from wsss.models.segmenter import load_segmenter
-from wsss.stages.segmenter import summary_markdown
+from wsss.stages.report import summary_markdown
 
 STEP3 = {**STEP2, "segmenter.epochs": 2, "segmenter.batch_size": 8, "segmenter.image_size": 32, "segmenter.decoder_channels": 16,
          "segmenter.threads": 1, "evaluate.tta_scales": [1.0, 0.5], "evaluate.num_figures": 2}

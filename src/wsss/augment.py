@@ -2,7 +2,8 @@
 
 ``strong`` is the paper's "strong" augmentation: horizontal flip, shift-scale-rotate, Gauss noise,
 one of {CLAHE, sharpen, brightness/contrast, gamma, median blur}, one of {RGB shift,
-hue/saturation}. (The authors' code also applies an elastic transform; it is left out: slow on a
+hue/saturation}. Geometric transforms fill the uncovered part of a mask (segmentation masks, IR
+labels) with 255, the ignore value, never with background. (The authors' code also applies an elastic transform; it is left out: slow on a
 CPU and of little use at 64 px.) Each sample gets its own seed, derived from
 ``(seed, epoch, index)``, so a run is repeatable whatever the number of loader workers, and a
 resumed run sees exactly the augmentations an uninterrupted one would.
@@ -13,6 +14,8 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 import torch
+
+from wsss.io import IGNORE_INDEX
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -27,7 +30,8 @@ def augmentations(kind: str) -> list[A.BasicTransform]:
     if kind != "strong":
         raise ValueError(f"unknown augmentation {kind!r}")
     return flip + [
-        A.Affine(scale=(0.8, 1.2), translate_percent=(-0.0625, 0.0625), rotate=(-30, 30), p=0.4),
+        # the area a shift or rotation uncovers is unknown: masks get 255 (ignored) there, never background
+        A.Affine(scale=(0.8, 1.2), translate_percent=(-0.0625, 0.0625), rotate=(-30, 30), fill_mask=IGNORE_INDEX, p=0.4),
         A.GaussNoise(std_range=(0.02, 0.08), p=0.3),
         A.OneOf(
             [

@@ -198,7 +198,7 @@ def train_classifier(
         total, seen = distributed.all_reduce_sum(np.array([total, seen], dtype=np.float64), context)
         result = EpochResult(epoch, float(total / max(seen, 1)), scores.micro, scores.macro, scores.per_class.tolist(), lr)
         history.append(result)
-        if result.macro_f1 > best_macro:
+        if result.macro_f1 > best_macro or not best_epoch:  # NaN (no class to score) keeps the first epoch
             best_macro, best_epoch = result.macro_f1, epoch
             if context.is_main:
                 checkpoint.save(checkpoint_dir / BEST, {"model": model.state_dict(), "epoch": epoch, "fingerprint": run_fingerprint})

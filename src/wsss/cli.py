@@ -94,7 +94,15 @@ def _run(args: argparse.Namespace) -> None:
     params_path = Path(args.params) if Path(args.params).is_absolute() else root / args.params
     params = load_params(params_path)
     if args.command == "check-params":
-        print(f"{params_path}: valid")
+        import yaml
+
+        from wsss.config import missing_dvc_params
+        from wsss.errors import ConfigError
+
+        missing = missing_dvc_params(yaml.safe_load(Path(params_path).read_text()), root)
+        if missing:
+            raise ConfigError(params_path, missing)
+        print(f"{params_path}: valid, and holds every key the dvc.yaml files read")
         return
 
     if args.command == "sweep":

@@ -99,11 +99,39 @@ class EmbeddedParams(_Group):
 
 
 class VocParams(_Group):
-    """PASCAL VOC 2012 layout under ``data.root`` (labels are derived from the masks)."""
+    """PASCAL VOC 2012 layout under ``data.root`` (labels are derived from the masks).
+
+    ``classes``: None for VOC's 20 classes; for a VOC-format dataset of one's own, the names of the
+    mask values 1..N as a list, or the path (inside ``data.root``) of a text file with one name a
+    line (a first line ``background`` or ``_background_`` names value 0 and is skipped)."""
 
     mask_dir: str = "SegmentationClass"
     train_list: str = "ImageSets/Segmentation/train.txt"
     val_list: str = "ImageSets/Segmentation/val.txt"
+    classes: list[str] | str | None = None
+
+    @model_validator(mode="after")
+    def _class_names(self) -> VocParams:
+        if isinstance(self.classes, list):
+            check_class_names(self.classes)
+        elif isinstance(self.classes, str) and not self.classes.strip():
+            raise ValueError("classes: give a list of names, a file inside data.root, or null (VOC's classes)")
+        return self
+
+
+def check_class_names(names: list[str]) -> None:
+    """Raise ValueError (naming ``classes``) unless ``names`` are 1..254 distinct, non-empty names."""
+    if not names:
+        raise ValueError("classes: at least one class is needed")
+    if len(names) > 254:
+        raise ValueError(f"classes: {len(names)} classes do not fit 8-bit masks (1..254; 255 is ignore)")
+    if any(not name.strip() for name in names):
+        raise ValueError("classes: a class name is empty")
+    if any(name.strip().lower() in ("background", "_background_") for name in names):
+        raise ValueError("classes: list the classes 1..N only; background is 0")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"classes: {repeated} appear more than once")
 
 
 class LidParams(_Group):
@@ -129,7 +157,7 @@ class BalanceParams(_Group):
 class DataParams(_Group):
     source: Literal["embedded", "voc", "lid"]
     root: str
-    person_class: str
+    person_class: str | None  # the class whose labels are unreliable (LID's person); null: no person handling
     person_label_drop: float = Field(ge=0.0, le=1.0)
     drop_person_labels: bool = True
     balance: BalanceParams = BalanceParams()
@@ -142,6 +170,11 @@ class DataParams(_Group):
     def _person_known(self) -> DataParams:
         if self.source == "embedded" and self.embedded is None:
             raise ValueError("embedded: required when data.source is embedded")
+        if self.person_class is None and self.person_label_drop > 0:
+            raise ValueError(f"person_label_drop: {self.person_label_drop} drops the labels of a person class, "
+                             "but data.person_class is null; set 0")
+        if self.source == "embedded" and self.person_class is None:
+            raise ValueError("person_class: the embedded dataset is built around a person class; name one of data.embedded.classes")
         if self.source == "embedded" and self.person_class not in self.embedded.classes:
             raise ValueError(
                 f"person_class: {self.person_class!r} is not one of data.embedded.classes "
@@ -271,6 +304,13 @@ class SegmenterParams(_Group):
         low, high = self.scale_range
         if not 0 < low <= high:
             raise ValueError(f"scale_range: needs 0 < min <= max, got {list(self.scale_range)}")
+        return self
+
+    @model_validator(mode="after")
+    def _divisible_size(self) -> SegmenterParams:
+        if self.image_size % self.output_stride:
+            raise ValueError(f"image_size: {self.image_size} is not a multiple of output_stride {self.output_stride} "
+                             "(DeepLabv3+ trains on images whose sides the encoder's stride divides)")
         return self
 
     @model_validator(mode="after")
@@ -418,6 +458,13 @@ class Params(_Group):
     ablation: AblationParams | None = None
 
     @model_validator(mode="after")
+    def _ablation_stride_fits(self) -> Params:
+        stride = self.ablation.smp_output_stride if self.ablation is not None else None
+        if stride and self.segmenter.image_size % stride:
+            raise ValueError(f"ablation.smp_output_stride: {stride} does not divide segmenter.image_size {self.segmenter.image_size}")
+        return self
+
+    @model_validator(mode="after")
     def _sweep_space_fits(self) -> Params:
         if self.sweep is None:
             return self
@@ -442,6 +489,15 @@ def sweep_space_problems(params: Params) -> list[tuple[str, str]]:
         problems.append(("sweep.space.irnet.bg_weight", ("irnet.background is 'plane', where bg_weight has no effect; "
                                                          "search irnet.threshold instead")))
     return problems
+
+
+def person_ablation_problems(params: Params) -> list[tuple[str, str]]:
+    """The person stages of the ablation without a person class (checked when they start, not by the
+    schema: a dataset without a person must not stop the main pipeline)."""
+    if params.data.person_class is None:
+        return [("data.person_class", "is null: the ablation's person classifier and merge need a person class; "
+                                      "set ablation.person to [false] (or name the class)")]
+    return []
 
 
 def _format_location(location: tuple[Any, ...]) -> str:
@@ -473,6 +529,50 @@ def validate_params(raw: Any, source: str | Path = "params.yaml") -> Params:
                     message += f" (got {item['input']!r})"
             problems.append((location, message))
         raise ConfigError(source, problems) from None
+
+
+DVC_PIPELINES = ("dvc.yaml", "pipelines/ablation/dvc.yaml", "pipelines/sweep/dvc.yaml")
+_ABSENT = object()
+
+
+def dvc_param_keys(root: str | Path) -> dict[str, set[str]]:
+    """The dotted params.yaml keys each pipeline under ``root`` reads: its stages' ``params:`` entries
+    and the ``${...}`` variables of its commands and paths (``item.*`` of ``matrix:`` aside)."""
+    keys: dict[str, set[str]] = {}
+    for pipeline in DVC_PIPELINES:
+        path = Path(root) / pipeline
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        found = set()
+        for stage in (yaml.safe_load(text) or {}).get("stages", {}).values():
+            for entry in stage.get("params", []):
+                found.update([entry] if isinstance(entry, str) else [key for keys_ in entry.values() for key in keys_])
+        found.update(name for name in re.findall(r"\$\{([^}]+)\}", text) if not name.startswith("item."))
+        keys[pipeline] = found
+    return keys
+
+
+def lookup(document: Any, dotted: str) -> Any:
+    """The value at a dotted key of a parsed YAML document, or ``_ABSENT``."""
+    node = document
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def missing_dvc_params(document: Any, root: str | Path) -> list[tuple[str, str]]:
+    """Keys the ``dvc.yaml`` files under ``root`` read that ``document`` lacks (the schema fills defaults,
+    DVC does not: `dvc repro` would stop with "Parameters ... are missing")."""
+    problems = {}
+    for pipeline, keys in dvc_param_keys(root).items():
+        for key in sorted(keys):
+            if lookup(document, key) is _ABSENT:
+                problems.setdefault(key, []).append(pipeline)
+    return [(key, f"missing, and {', '.join(pipelines)} reads it (write it out, e.g. as in params.yaml)")
+            for key, pipelines in problems.items()]
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

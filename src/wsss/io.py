@@ -82,13 +82,14 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(Path(path), text.encode())
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Atomically write rows (dicts with the same keys) as CSV with a header: DVC plot data."""
+def write_csv(path: Path, rows: list[dict[str, Any]], fieldnames: list[str] | None = None) -> None:
+    """Atomically write rows (dicts with the same keys) as CSV with a header: DVC plot data. No
+    rows need ``fieldnames``: the file is then the header alone."""
     import csv
     import io as text_io
 
     buffer = text_io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames or list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(Path(path), buffer.getvalue().encode())

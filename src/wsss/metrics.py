@@ -87,15 +87,17 @@ class F1Scores:
 def multilabel_f1(probabilities: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> F1Scores:
     """Image-level F1 of multi-label predictions (``probabilities > threshold``).
 
-    A class with no positive in targets or predictions has F1 = 0 only if it was predicted;
-    a class that is absent everywhere counts as 1 (nothing to find, nothing found)."""
+    A class absent from both targets and predictions has no F1 (NaN) and is left out of the macro
+    mean, as absent classes are left out of the mIoU: a val set without a class cannot say how well
+    it is recognised. Micro-F1 pools every decision (NaN only when nothing is positive anywhere)."""
     predicted = probabilities > threshold
     truth = targets > 0.5
     true_positive = (predicted & truth).sum(axis=0).astype(np.float64)
     false_positive = (predicted & ~truth).sum(axis=0)
     false_negative = (~predicted & truth).sum(axis=0)
     denominator = 2 * true_positive + false_positive + false_negative
-    per_class = np.where(denominator > 0, 2 * true_positive / np.maximum(denominator, 1), 1.0)
+    per_class = np.where(denominator > 0, 2 * true_positive / np.maximum(denominator, 1), np.nan)
     total = 2 * true_positive.sum() + false_positive.sum() + false_negative.sum()
-    micro = float(2 * true_positive.sum() / total) if total else 1.0
-    return F1Scores(micro=micro, macro=float(per_class.mean()), per_class=per_class)
+    micro = float(2 * true_positive.sum() / total) if total else float("nan")
+    macro = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+    return F1Scores(micro=micro, macro=macro, per_class=per_class)

@@ -40,21 +40,13 @@ BEST = "best.pt"
 POLY_POWER = 0.9
 
 
-def _fill_masks_with_ignore(transforms: Sequence[A.BasicTransform]) -> None:
-    for transform in transforms:
-        if isinstance(transform, A.Affine):
-            transform.fill_mask = IGNORE_INDEX
-        _fill_masks_with_ignore(getattr(transform, "transforms", ()))
-
-
 def segmentation_transform(kind: str, image_size: int | None, scale_range: tuple[float, float] = (1.0, 1.0)) -> A.Compose:
     """Resize (mask nearest), zoom by a random factor in ``scale_range`` (DeepLab's random scaling:
     what lets test-time scales help), augment; image and mask move together, and the areas a
     transform uncovers get mask 255 (ignored), never background."""
     steps = augment.augmentations(kind)
     if tuple(scale_range) != (1.0, 1.0):
-        steps = [A.Affine(scale=tuple(scale_range), keep_ratio=True, p=1.0), *steps]
-    _fill_masks_with_ignore(steps)
+        steps = [A.Affine(scale=tuple(scale_range), keep_ratio=True, fill_mask=IGNORE_INDEX, p=1.0), *steps]
     resize = [A.Resize(image_size, image_size)] if image_size else []
     return A.Compose(resize + steps, seed=0)
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wsss import checkpoint, tracking
+from wsss import checkpoint, provenance, tracking
 from wsss.cam import load_cams
 from wsss.config import Params, flatten, sweep_space_problems
 from wsss.crf import CrfTask, crf_many
@@ -55,7 +55,8 @@ from wsss.irnet import IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.stages.paths import CAMS_DIR, CLASSIFIER_PATH, INDEX_FILE, SPLITS_DIR
 from wsss.stages.ir_labels import confident_ids
-from wsss.stages.irnet import TRAIN_KEYS, load_irnet, masks_from_walk, pseudo_masks, walk_chunk
+from wsss.stages.irnet import TRAIN_KEYS
+from wsss.stages.pseudo_masks import load_irnet, masks_from_walk, pseudo_masks, walk_chunk
 
 SWEEPS_DIR = Path("sweeps")
 CACHE_DIR = SWEEPS_DIR / "cache"
@@ -130,7 +131,7 @@ def fixed_inputs(params: Params, root: Path) -> dict[str, Any]:
     inputs = {"cams": root / CAMS_DIR, "classifier": root / CLASSIFIER_PATH, "splits": root / SPLITS_DIR}
     fixed = {"seed": params.seed, "irnet": irnet, "crf": {k: v for k, v in params.crf.model_dump().items() if k != "workers"},
              "objective": sweep.objective, "space": {k: v.model_dump() for k, v in sweep.space.items()},
-             "inputs": tracking.input_hashes(inputs)}
+             "inputs": tracking.input_hashes(inputs), "code": provenance.code_digest(__name__)}
     if sweep.objective == "final":
         fixed["segmenter"] = {k: v for k, v in params.segmenter.model_dump().items() if k not in ("workers", "threads")}
     return fixed
@@ -194,7 +195,7 @@ class TrialEvaluator:
         self._val: list[_Item] | None = None
         crf = {k: v for k, v in params.crf.model_dump().items() if k != "workers"}
         fixed_labels = {"conf_fg": params.irnet.conf_fg, "conf_bg": params.irnet.conf_bg, "crf": crf,
-                        "cams": tracking.input_hashes({"cams": self.root / CAMS_DIR})}
+                        "cams": tracking.input_hashes({"cams": self.root / CAMS_DIR}), "code": provenance.code_digest(__name__)}
         self.labels_key = checkpoint.fingerprint(fixed_labels)[:12]
         self.labels_dir = self.cache / f"ir_labels-{self.labels_key}"
 

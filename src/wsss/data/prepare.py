@@ -60,7 +60,9 @@ def drop_person_labels_randomly(records: list[ImageRecord], person: int, probabi
     return noisy
 
 
-def _person_id(class_names: tuple[str, ...], data: DataParams) -> int:
+def _person_id(class_names: tuple[str, ...], data: DataParams) -> int | None:
+    if data.person_class is None:  # a dataset without a class of unreliable labels
+        return None
     if data.person_class not in class_names[1:]:
         raise ConfigError("params.yaml", [("data.person_class", f"{data.person_class!r} is not a class of the {data.source} dataset (classes: {', '.join(class_names[1:])})")])
     return class_names.index(data.person_class)
@@ -132,7 +134,8 @@ def prepare_dataset(params: Params, root: Path, out_dir: Path, workers: int | No
             class_names = listing.class_names
             records = _prepare_files(listing, staging, workers or os.cpu_count() or 1)
         person = _person_id(class_names, data)
-        records = drop_person_labels_randomly(records, person, data.person_label_drop, params.seed)
+        if person is not None:
+            records = drop_person_labels_randomly(records, person, data.person_label_drop, params.seed)
         manifest = Manifest(data.source, class_names, person, tuple(records), staging)
         save_manifest(manifest, staging / MANIFEST_NAME)
     return Manifest(data.source, class_names, person, tuple(records), Path(out_dir).resolve())

@@ -8,6 +8,8 @@ VOC 2012 (``data.root`` = the ``VOC2012`` folder)::
     JPEGImages/<id>.jpg   <mask_dir>/<id>.png   ImageSets/Segmentation/{train,val}.txt
 
 ``mask_dir`` is ``SegmentationClass`` or ``SegmentationClassAug``; labels come from the masks.
+``data.voc.classes`` names the classes of a VOC-format dataset of one's own (a list, or a text
+file inside ``data.root``); without it the classes are VOC's 20.
 The train list feeds ``train``, the val list the held-out pool that ``split`` divides into val
 and test (VOC's test masks are not public).
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsss.config import LidParams, VocParams
+from wsss.config import LidParams, VocParams, check_class_names
 from wsss.errors import DataError
 from wsss.io import ensure_inside, read_json, resolve_inside
 
@@ -61,11 +63,34 @@ def _read_id_list(path: Path) -> list[str]:
     return lines
 
 
+def voc_class_names(root: Path, classes: list[str] | str | None) -> tuple[str, ...]:
+    """Class names by id (0 = background): VOC's, the given list, or the lines of a file in ``root``."""
+    if classes is None:
+        return VOC_CLASSES
+    if isinstance(classes, str):
+        path = resolve_inside(root, classes, listed_in="params.yaml data.voc.classes")
+        try:
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        except FileNotFoundError:
+            raise DataError(path, "class list not found (data.voc.classes)") from None
+        except UnicodeDecodeError:
+            raise DataError(path, "class list is not text (data.voc.classes)") from None
+        if names and names[0].lower() in ("background", "_background_"):
+            names = names[1:]
+        try:
+            check_class_names(names)
+        except ValueError as error:
+            raise DataError(path, str(error).removeprefix("classes: ")) from None
+        return ("background", *names)
+    return ("background", *classes)
+
+
 def read_voc(root: Path, params: VocParams) -> SourceListing:
-    """List a VOC 2012 tree (images, masks, train/val lists)."""
+    """List a VOC-format tree (images, masks, train/val lists) with its class names."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "data.root is not a folder (expected the VOC2012 folder)")
+    class_names = voc_class_names(root, params.classes)
     items = []
     for subset, list_name in (("train", params.train_list), ("heldout", params.val_list)):
         list_path = resolve_inside(root, list_name, listed_in="params.yaml data.voc")
@@ -73,7 +98,7 @@ def read_voc(root: Path, params: VocParams) -> SourceListing:
             image = resolve_inside(root, f"JPEGImages/{image_id}.jpg", listed_in=list_path)
             mask = resolve_inside(root, f"{params.mask_dir}/{image_id}.png", listed_in=list_path)
             items.append(SourceItem(image_id, subset, image, mask, None, {"list": list_name}))
-    return SourceListing(VOC_CLASSES, items)
+    return SourceListing(class_names, items)
 
 
 def _lid_class_names(path: Path) -> tuple[str, ...]:

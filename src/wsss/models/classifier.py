@@ -107,19 +107,36 @@ def _load_state_dict(path: Path, key: str = "classifier.weights") -> dict:
         raise ConfigError("params.yaml", [(key, f"{path} is not a readable state dict ({error})")]) from None
 
 
+def imagenet_state_dict(weights_enum, key: str) -> dict:
+    """torchvision's ImageNet weights (downloaded once into the torch hub cache); a failed download
+    (no network, a proxy, a broken cache) is a :class:`ConfigError` against param ``key``."""
+    try:
+        return weights_enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as error:  # noqa: BLE001 - URLError, HTTPError, hash mismatch, unreadable cache: the user's to fix
+        message = (f"cannot get the ImageNet weights {weights_enum.url} ({type(error).__name__}: {error}); without network, "
+                   "download the file elsewhere and give its local path here, or put it in the torch hub cache ($TORCH_HOME)")
+        raise ConfigError("params.yaml", [(key, message)]) from None
+
+
 def vgg16_bn_d1_backbone(weights: str) -> nn.Sequential:
-    """torchvision's VGG16-BN features, turned into the D1 variant (output stride 8)."""
+    """torchvision's VGG16-BN features, turned into the D1 variant (output stride 8). ``weights``:
+    ``none``, ``imagenet`` or a local torchvision ``vgg16_bn`` state dict (whole, or its ``features.*``
+    entries alone: the classifier layers are not used)."""
     import torchvision
 
-    if weights == "imagenet":
-        vgg = torchvision.models.vgg16_bn(weights=torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1)
-    else:
-        vgg = torchvision.models.vgg16_bn(weights=None)
-        if weights != "none":
-            try:
-                vgg.load_state_dict(_load_state_dict(Path(weights)))
-            except RuntimeError as error:
-                raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not fit torchvision's vgg16_bn ({error})")]) from None
+    vgg = torchvision.models.vgg16_bn(weights=None)
+    if weights != "none":
+        if weights == "imagenet":
+            state = imagenet_state_dict(torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1, "classifier.weights")
+        else:
+            state = _load_state_dict(Path(weights))
+        if not isinstance(state, dict) or not all(isinstance(name, str) for name in state):
+            raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not hold a state dict")])
+        features = {name.removeprefix("features."): value for name, value in state.items() if name.startswith("features.")}
+        try:
+            vgg.features.load_state_dict(features)
+        except RuntimeError as error:
+            raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not fit torchvision's vgg16_bn ({error})")]) from None
     layers = list(vgg.features.children())
     pools = [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
     pool4, pool5 = pools[3], pools[4]

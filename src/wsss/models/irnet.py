@@ -6,7 +6,7 @@ trained step-1 network: its four backbone stages and its extra convs as the fift
 gets no gradient and keeps BatchNorm in eval mode whatever ``train()`` says.
 
 Boundary branch: each stage -> 1x1 conv to 32 channels, GroupNorm(4), ReLU, resized to the
-second stage's grid (stride 4), concatenated (160) -> 1x1 conv -> one logit.
+stride-4 grid (``ceil(H/4) x ceil(W/4)``), concatenated (160) -> 1x1 conv -> one logit.
 Displacement branch: stages -> 64, 128, 256, 256, 256 channels (1x1 conv, GroupNorm, ReLU);
 stages 3-5 are fused (1x1 conv to 256) and resized to the stride-4 grid, concatenated with
 stages 1-2 -> 1x1 conv 256 -> 1x1 conv to 2 channels (dy, dx in grid units).
@@ -14,12 +14,14 @@ stages 1-2 -> 1x1 conv 256 -> 1x1 conv to 2 channels (dy, dx in grid units).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wsss.errors import ConfigError
-from wsss.models.classifier import CamClassifier, _load_state_dict, feature_stages
+from wsss.models.classifier import CamClassifier, _load_state_dict, feature_stages, imagenet_state_dict
 
 
 class FrozenStages(nn.Module):
@@ -56,11 +58,14 @@ def classifier_stages(model: CamClassifier) -> FrozenStages:
 def resnet50_stages(weights: str) -> FrozenStages:
     import torchvision
 
-    resnet_weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1 if weights == "imagenet" else None
-    net = torchvision.models.resnet50(weights=resnet_weights, replace_stride_with_dilation=[False, False, True])
-    if weights not in ("imagenet", "none"):
+    net = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, False, True])
+    if weights != "none":
+        if weights == "imagenet":
+            state = imagenet_state_dict(torchvision.models.ResNet50_Weights.IMAGENET1K_V1, "irnet.backbone_weights")
+        else:
+            state = _load_state_dict(Path(weights), "irnet.backbone_weights")
         try:
-            net.load_state_dict(_load_state_dict(weights, "irnet.backbone_weights"))
+            net.load_state_dict(state)
         except RuntimeError as error:
             raise ConfigError("params.yaml", [("irnet.backbone_weights", f"{weights} does not fit torchvision's resnet50 ({error})")]) from None
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
@@ -89,12 +94,13 @@ class IRNet(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Boundary logits ``[N, 1, h, w]`` and displacement ``[N, 2, h, w]`` on the stride-4 grid."""
         features = [f.detach() for f in self.backbone(images)]
-        grid = features[1].shape[-2:]
+        # the stride-4 grid of the labels and CAMs, whatever the backbone's strides (VGG16's second stage is at /8)
+        grid = torch.Size(((images.shape[-2] + 3) // 4, (images.shape[-1] + 3) // 4))
         boundary = torch.cat([_resize(reduce(f), grid) for reduce, f in zip(self.boundary_reduce, features, strict=True)], dim=1)
         reduced = [reduce(f) for reduce, f in zip(self.displacement_reduce, features, strict=True)]
         deep_grid = reduced[2].shape[-2:]
         deep = self.displacement_fuse(torch.cat([_resize(r, deep_grid) for r in reduced[2:]], dim=1))
-        displacement = self.displacement_head(torch.cat([_resize(reduced[0], grid), reduced[1], _resize(deep, grid)], dim=1))
+        displacement = self.displacement_head(torch.cat([_resize(reduced[0], grid), _resize(reduced[1], grid), _resize(deep, grid)], dim=1))
         return self.boundary_head(boundary), displacement
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -24,11 +24,11 @@ STAGES: dict[str, Callable[[Any, Path], Any]] = {
     "cams": _lazy("cams", "run_cams"),
     "ir-labels": _lazy("ir_labels", "run_ir_labels"),
     "train-irnet": _lazy("irnet", "run_train_irnet"),
-    "pseudo-masks": _lazy("irnet", "run_pseudo_masks"),
+    "pseudo-masks": _lazy("pseudo_masks", "run_pseudo_masks"),
     "train-segmenter": _lazy("segmenter", "run_train_segmenter"),
     "oracle": _lazy("segmenter", "run_oracle"),
-    "evaluate": _lazy("segmenter", "run_evaluate"),
-    "report": _lazy("segmenter", "run_report"),
+    "evaluate": _lazy("evaluate", "run_evaluate"),
+    "report": _lazy("report", "run_report"),
 }
 
 

@@ -18,7 +18,7 @@ from wsss.config import Params, flatten
 from wsss.errors import ConfigError
 from wsss.io import atomic_dir, write_json
 from wsss.stages.common import background_knob, load_splits
-from wsss.stages.irnet import load_irnet, pseudo_mask_metrics, write_pseudo_masks
+from wsss.stages.pseudo_masks import load_irnet, pseudo_mask_metrics, write_pseudo_masks
 from wsss.stages.paths import CAMS_DIR, IRNET_PATH, SPLITS_DIR
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsss import checkpoint, distributed, tracking
+from wsss import checkpoint, distributed, provenance, tracking
 from wsss.config import Params, SegmenterParams, flatten
 from wsss.io import write_json
 from wsss.models.segmenter import CLASSIFIER_ENCODER, save_segmenter
 from wsss.segmentation import SegmentationDataset
 from wsss.stages.common import background_knob, cell_name, load_splits, unfinished_run
 from wsss.stages.paths import PREPARED_DIR, SPLITS_DIR
-from wsss.stages.segmenter import encoder_inputs, evaluate_model, fit_tracked, segmenter_spec
+from wsss.evaluation import evaluate_model
+from wsss.stages.segmenter import encoder_inputs, fit_tracked, segmenter_spec
 
 CELL_KIND = "cell"
 _NOT_IN_FINGERPRINT = {"workers", "threads"}
@@ -47,7 +48,7 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
     hashes = tracking.input_hashes({"masks": root / masks_dir / "train", "prepared": root / PREPARED_DIR, "splits": root / SPLITS_DIR,
                                     **weight_files})
     run_fingerprint = checkpoint.fingerprint(config.model_dump(exclude=_NOT_IN_FINGERPRINT), params.seed, hashes,
-                                             *distributed.precision_fingerprint())
+                                             *distributed.precision_fingerprint(), provenance.code_digest(__name__))
     checkpoint_dir = root / "checkpoints/ablation" / name
     previous = checkpoint.load_if_compatible(checkpoint_dir / "last.pt", run_fingerprint)
     spec = segmenter_spec(params, train, config)

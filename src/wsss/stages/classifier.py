@@ -9,9 +9,11 @@ process trains; rank 0 alone logs and writes.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
-from wsss import checkpoint, distributed, tracking, visualize
+from wsss import checkpoint, distributed, provenance, tracking, visualize
 from wsss.classifier import BEST, LAST, TrainResult, train_classifier, trained_class_ids
 from wsss.config import Params, flatten
 from wsss.data.manifest import load_manifest
@@ -64,7 +66,7 @@ def run_train_classifier(params: Params, root: Path) -> TrainResult:
     hashes = tracking.input_hashes({"splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
     config = params.classifier.model_dump(exclude=_NOT_IN_FINGERPRINT)
     run_fingerprint = checkpoint.fingerprint(config, params.seed, params.data.drop_person_labels, hashes,
-                                             *distributed.precision_fingerprint())
+                                             *distributed.precision_fingerprint(), provenance.code_digest(__name__))
     if not distributed.current().is_main:
         return train_classifier(params, train, val, root / CHECKPOINT_DIR, run_fingerprint)
     previous = checkpoint.load_if_compatible(root / CHECKPOINT_DIR / LAST, run_fingerprint)
@@ -75,7 +77,7 @@ def run_train_classifier(params: Params, root: Path) -> TrainResult:
         class_ids = trained_class_ids(train, params)
 
         def log_epoch(result) -> None:
-            per_class = {f"val_f1_{names[c]}": f for c, f in zip(class_ids, result.per_class_f1, strict=True)}
+            per_class = {f"val_f1_{names[c]}": f for c, f in zip(class_ids, result.per_class_f1, strict=True) if math.isfinite(f)}
             mlflow.log_metrics({"loss": result.loss, "val_micro_f1": result.micro_f1, "val_macro_f1": result.macro_f1,
                                 "lr_head": result.lr, **per_class}, step=result.epoch)
 
@@ -91,7 +93,8 @@ def run_train_classifier(params: Params, root: Path) -> TrainResult:
             "best_epoch": result.best_epoch,
             "val_macro_f1": result.best.macro_f1,
             "val_micro_f1": result.best.micro_f1,
-            "val_f1": {names[c]: f for c, f in zip(result.class_ids, result.best.per_class_f1, strict=True)},
+            # None: the class is in no val image and was never predicted (no F1, left out of the macro mean)
+            "val_f1": {names[c]: (f if math.isfinite(f) else None) for c, f in zip(result.class_ids, result.best.per_class_f1, strict=True)},
             "epochs": len(result.history),
             "classes_excluded": [n for c, n in enumerate(names) if c and c not in result.class_ids],
         }

@@ -1,45 +1,24 @@
-"""The ``train_irnet`` and ``pseudo_masks`` stages (step 2).
-
-``train_irnet``: ``models/irnet/model.pt``, ``metrics/irnet.json``; losses per step to MLflow;
-resumable from ``checkpoints/irnet/last.pt``.
-``pseudo_masks``: ``pseudo_masks/{train,val}/<id>.png`` (palette PNGs) for every train and val
-image, ``metrics/pseudo_masks.json`` (val mIoU, per-class IoU: the paper's Table 2 row "IRNet";
-with ``irnet.post_crf`` also the mIoU before the CRF), ``plots/pseudo_masks/per_class_iou.csv``;
-MLflow gets an overlay figure (image | CAM + CRF | pseudo mask | ground truth). Under torchrun
-each process walks its share of the images; the val confusion matrices are summed and rank 0 logs.
+"""The ``train_irnet`` stage (step 2): ``models/irnet/model.pt``, ``metrics/irnet.json``; losses per
+step to MLflow; resumable from ``checkpoints/irnet/last.pt``. The random walk that turns IRNet's
+boundaries into pseudo masks is :mod:`wsss.stages.pseudo_masks`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from wsss import augment, checkpoint, distributed, tracking, visualize
-from wsss.cam import ImageCams, label_map, load_cams
-from wsss.config import IrnetParams, Params, flatten
-from wsss.crf import CrfTask, crf_labels, crf_many
-from wsss.data.manifest import ImageRecord, Manifest, load_manifest
-from wsss.io import read_image, read_json, read_mask, write_csv, write_json, write_mask_png
+from wsss import checkpoint, distributed, provenance, tracking
+from wsss.config import Params
+from wsss.data.manifest import load_manifest
+from wsss.io import read_json, write_json
 from wsss.irnet import LAST, IrDataset, build_irnet, train_irnet
-from wsss.metrics import confusion_matrix, segmentation_scores
-from wsss.random_walk import propagate_many, pseudo_mask, walk_seeds
-from wsss.stages.common import background_knob, unfinished_run
-from wsss.stages.paths import (CAMS_DIR, CAMS_METRICS, CLASSIFIER_PATH, INDEX_FILE, IR_LABELS_DIR, IRNET_PATH, PREPARED_DIR,
-                               PSEUDO_DIR, SPLITS_DIR)
+from wsss.stages.common import unfinished_run
+from wsss.stages.paths import CLASSIFIER_PATH, INDEX_FILE, IR_LABELS_DIR, IRNET_PATH, PREPARED_DIR, SPLITS_DIR
 
 CHECKPOINT_DIR = Path("checkpoints/irnet")
 IRNET_METRICS = Path("metrics/irnet.json")
-PSEUDO_METRICS = Path("metrics/pseudo_masks.json")
-PSEUDO_PLOT = Path("plots/pseudo_masks/per_class_iou.csv")
 TRAIN_KEYS = ("backbone", "backbone_weights", "train_radius", "train_scales", "crop_size", "batch_size", "epochs",
               "lr_displacement", "lr_boundary", "momentum", "weight_decay", "augmentation")
-WALK_KEYS = ("infer_radius", "infer_scale", "beta", "exp_times", "background", "threshold", "bg_weight", "post_crf")
-WALK_BATCH = 64
 
 
 def run_train_irnet(params: Params, root: Path) -> dict:
@@ -50,7 +29,8 @@ def run_train_irnet(params: Params, root: Path) -> dict:
     records = [r for r in train.records if r.id in kept]
     hashes = tracking.input_hashes({"ir_labels": root / IR_LABELS_DIR, "classifier": root / CLASSIFIER_PATH, "prepared": root / PREPARED_DIR})
     config = {key: getattr(params.irnet, key) for key in TRAIN_KEYS}
-    run_fingerprint = checkpoint.fingerprint(config, params.seed, hashes, *distributed.precision_fingerprint())
+    run_fingerprint = checkpoint.fingerprint(config, params.seed, hashes, *distributed.precision_fingerprint(),
+                                             provenance.code_digest(__name__))
 
     def model_and_data():
         checkpoint.seed_everything(params.seed)
@@ -75,164 +55,4 @@ def run_train_irnet(params: Params, root: Path) -> dict:
         write_json(root / IRNET_METRICS, metrics)
         mlflow.set_tag("wsss.resumed_from_epoch", str(result.resumed_from))
         mlflow.log_artifact(str(root / IRNET_METRICS))
-    return metrics
-
-
-def _enlarge(image: np.ndarray, scale: int) -> np.ndarray:
-    return image if scale == 1 else augment.resize_image(image, (image.shape[1] * scale, image.shape[0] * scale))
-
-
-def _walk_input(cams, grid: torch.Size, scale: int) -> torch.Tensor:
-    """The CAMs on the walk's grid: the stored stride-4 maps, or (enlarged image) the
-    full-resolution maps averaged down to the finer grid."""
-    if scale == 1:
-        return torch.from_numpy(cams.stride4)
-    full = torch.from_numpy(cams.full)
-    if full.shape[0] == 0:
-        return torch.zeros(0, *grid)
-    return torch.nn.functional.adaptive_avg_pool2d(full[None], tuple(grid))[0]
-
-
-def _overlay_figure(examples: list[dict]):
-    rows = [[e["image"], visualize.overlay(e["image"], e["cam_crf"]), visualize.overlay(e["image"], e["pseudo"]),
-             visualize.overlay(e["image"], e["truth"])] for e in examples]
-    return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", "ground truth"], row_labels=[e["id"] for e in examples])
-
-
-def walk_chunk(model, chunk_images: list[np.ndarray], chunk_cams: list, walk: IrnetParams) -> list[torch.Tensor]:
-    """The random walk of one chunk of images together: walked maps on the walk's grid (a walked
-    background first when ``walk.background == "walk"``)."""
-    boundaries = [model.boundary_map(augment.to_tensor(_enlarge(img, walk.infer_scale))[None])[0] for img in chunk_images]
-    seeds = [walk_seeds(_walk_input(c, b.shape, walk.infer_scale), walk.background) for c, b in zip(chunk_cams, boundaries, strict=True)]
-    return propagate_many(seeds, boundaries, walk.infer_radius, walk.beta, walk.exp_times)
-
-
-def masks_from_walk(walked: list[torch.Tensor], chunk_images: list[np.ndarray], chunk_cams: list, walk: IrnetParams) -> list[np.ndarray]:
-    """The walk's last step (background plane or weight, argmax): label maps before any CRF.
-    Only this step reads ``threshold`` and ``bg_weight``, so a sweep over them reuses ``walked``."""
-    return [pseudo_mask(result, cam.class_ids, image.shape[:2], walk.threshold, upsample=4 // walk.infer_scale,
-                        background=walk.background, bg_weight=walk.bg_weight)
-            for image, cam, result in zip(chunk_images, chunk_cams, walked, strict=True)]
-
-
-@dataclass(frozen=True)
-class PseudoMask:
-    """One image's pseudo mask, with what it was made from."""
-
-    record: ImageRecord
-    image: np.ndarray
-    cams: ImageCams
-    walked: np.ndarray  # label map of the walk, before any CRF
-    mask: np.ndarray  # the pseudo mask (after the CRF with ``irnet.post_crf``)
-
-
-def pseudo_masks(model, manifest: Manifest, cams_dir: Path, params: Params, desc: str = "pseudo masks") -> Iterator[PseudoMask]:
-    """The pseudo mask of every image of ``manifest`` (CAMs from ``cams_dir/<id>.npz``), walked
-    ``WALK_BATCH`` images at a time, in manifest order."""
-    walk = params.irnet
-    records = manifest.records
-    for start in tqdm(range(0, len(records), WALK_BATCH), desc=desc, unit="batch"):
-        chunk = records[start : start + WALK_BATCH]
-        images = [read_image(manifest.image_path(r)) for r in chunk]
-        cams = [load_cams(cams_dir / f"{r.id}.npz", expected_size=img.shape[:2]) for r, img in zip(chunk, images, strict=True)]
-        with torch.no_grad():
-            walked = masks_from_walk(walk_chunk(model, images, cams, walk), images, cams, walk)
-        masks = walked
-        if walk.post_crf:
-            tasks = [CrfTask(r.id, img, m) for r, img, m in zip(chunk, images, walked, strict=True)]
-            masks = [refined for _, refined in crf_many(tasks, params.crf)]
-        yield from (PseudoMask(*fields) for fields in zip(chunk, images, cams, walked, masks, strict=True))
-
-
-def load_irnet(params: Params, root: Path, path: Path):
-    """A trained IRNet from its model file, in eval mode (its backbone kind is in the file)."""
-    state = checkpoint.load(path)
-    model = build_irnet(params.model_copy(update={"irnet": params.irnet.model_copy(update={"backbone": state["backbone"], "backbone_weights": "none"})}),
-                        root / CLASSIFIER_PATH)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model
-
-
-def write_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, out_dir: Path,
-                       params: Params) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Write ``out_dir/<split>/<id>.png`` for each manifest; return the val confusion matrices
-    after and before the CRF, and the first ``cams.num_overlays`` val examples for a figure."""
-    num_classes = next(iter(manifests.values())).num_classes
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    walk_matrix = np.zeros_like(matrix)
-    examples: list[dict] = []
-    for split, manifest in manifests.items():
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-        for item in pseudo_masks(model, manifest, cams_root / split, params, desc=f"pseudo masks {split}"):
-            write_mask_png(out_dir / split / f"{item.record.id}.png", item.mask)
-            if split != "val" or item.record.mask is None:
-                continue
-            truth = read_mask(manifest.mask_path(item.record))
-            matrix += confusion_matrix(truth, item.mask, num_classes)
-            walk_matrix += confusion_matrix(truth, item.walked, num_classes)
-            if len(examples) < params.cams.num_overlays:
-                cam_crf = crf_labels(item.image, label_map(item.cams.full, item.cams.class_ids, params.cams.eval_threshold), params.crf)
-                examples.append({"id": item.record.id, "image": item.image, "cam_crf": cam_crf, "pseudo": item.mask, "truth": truth})
-    return matrix, walk_matrix, examples
-
-
-def pseudo_mask_metrics(matrix: np.ndarray, walk_matrix: np.ndarray, val: Manifest, walk: IrnetParams) -> dict:
-    """``metrics/pseudo_masks.json``'s scores: val mIoU and per-class IoU (without the person class
-    too), how the masks were made (the background knob in use only: the other one does not change
-    them), and with ``walk.post_crf`` the mIoU before the CRF."""
-    scores = segmentation_scores(matrix)
-    knob = background_knob(walk)
-    metrics = {"val": scores.as_dict(val.class_names), "background": walk.background, knob: getattr(walk, knob),
-               "post_crf": walk.post_crf}
-    if val.person_class is not None:
-        metrics["val"]["miou_without_person"] = scores.miou_without(val.person_class)
-    if walk.post_crf:
-        metrics["val_before_crf_miou"] = segmentation_scores(walk_matrix).miou
-    return metrics
-
-
-def write_shared_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, out_dir: Path,
-                             params: Params) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """:func:`write_pseudo_masks` of this process's share of each manifest (all of it in a single
-    process); the val confusion matrices summed over processes."""
-    context = distributed.current()
-    shares = {split: manifest.derive(distributed.shard(manifest.records, context)) for split, manifest in manifests.items()}
-    matrix, walk_matrix, examples = write_pseudo_masks(model, shares, cams_root, out_dir, params)
-    return distributed.all_reduce_sum(matrix, context), distributed.all_reduce_sum(walk_matrix, context), examples
-
-
-def run_pseudo_masks(params: Params, root: Path) -> dict | None:
-    import mlflow
-
-    manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("train", "val")}
-    model = load_irnet(params, root, root / IRNET_PATH)
-    torch.set_num_threads(distributed.current().cpu_threads())
-    if not distributed.current().is_main:  # a torchrun process but rank 0: its share, nothing logged
-        with distributed.shared_atomic_dir(root / PSEUDO_DIR) as staging:
-            write_shared_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
-        return None
-    hashes = tracking.input_hashes({"irnet": root / IRNET_PATH, "cams": root / CAMS_DIR, "splits": root / SPLITS_DIR})
-    walk = params.irnet
-    logged = {f"irnet.{k}": getattr(walk, k) for k in WALK_KEYS}
-    if walk.post_crf:
-        logged.update(flatten(params.crf.model_dump(), "crf."))
-
-    with tracking.stage_run("pseudo_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
-        with distributed.shared_atomic_dir(root / PSEUDO_DIR) as staging:
-            matrix, walk_matrix, examples = write_shared_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
-
-        metrics = pseudo_mask_metrics(matrix, walk_matrix, manifests["val"], walk)
-        scores = segmentation_scores(matrix)
-        if (root / CAMS_METRICS).is_file():
-            metrics["gain_over_cam_crf"] = scores.miou - read_json(root / CAMS_METRICS)["cam_crf"]["miou"]
-        write_json(root / PSEUDO_METRICS, metrics)
-        write_csv(root / PSEUDO_PLOT, [{"class": n, "iou": "" if v is None else f"{v:.6f}"} for n, v in metrics["val"]["iou"].items()])
-        mlflow.log_metrics({"pseudo_mask_miou": scores.miou, **{f"pseudo_iou_{n}": v for n, v in metrics["val"]["iou"].items() if v is not None},
-                            **({"pseudo_mask_miou_before_crf": metrics["val_before_crf_miou"]} if walk.post_crf else {})})
-        if examples:
-            figure = _overlay_figure(examples)
-            mlflow.log_figure(figure, "pseudo_mask_overlays.png")
-            visualize.close(figure)
-        mlflow.log_artifact(str(root / PSEUDO_METRICS))
     return metrics

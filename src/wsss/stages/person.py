@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsss import checkpoint, distributed, tracking
+from wsss import checkpoint, distributed, provenance, tracking
 from wsss.cam import load_cams
 from wsss.cam_inference import compute_cams
 from wsss.classifier import BEST, LAST, train_classifier
-from wsss.config import Params, flatten
+from wsss.config import Params, flatten, person_ablation_problems
 from wsss.crf import CrfTask, crf_many
-from wsss.errors import DataError
+from wsss.errors import ConfigError, DataError
 from wsss.io import atomic_dir, read_image, read_json, read_mask, write_json, write_mask_png
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.models.classifier import classifier_state, load_trained_classifier
@@ -49,6 +49,10 @@ def binary_scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
 def run_person_classifier(params: Params, root: Path) -> dict:
     import mlflow
 
+    problems = person_ablation_problems(params)
+    if problems:
+        raise ConfigError("params.yaml", problems)
+
     manifests = load_splits(root)
     train, val = manifests["train"], manifests["val"]
     person = train.person_class
@@ -58,7 +62,7 @@ def run_person_classifier(params: Params, root: Path) -> dict:
     binary_params = params.model_copy(update={"classifier": config, "data": params.data.model_copy(update={"drop_person_labels": False})})
     hashes = tracking.input_hashes({"splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
     run_fingerprint = checkpoint.fingerprint(config.model_dump(exclude=_NOT_IN_FINGERPRINT), params.seed, "person", hashes,
-                                             *distributed.precision_fingerprint())
+                                             *distributed.precision_fingerprint(), provenance.code_digest(__name__))
     previous = checkpoint.load_if_compatible(root / PERSON_CHECKPOINTS / LAST, run_fingerprint)
     logged = {"seed": params.seed, **flatten(config.model_dump(exclude=_NOT_IN_FINGERPRINT), "classifier."),
               **flatten(params.person.model_dump(), "person.")}
@@ -103,6 +107,10 @@ def run_person_classifier(params: Params, root: Path) -> dict:
 def run_person_masks(params: Params, root: Path, masks_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
     """``masks_dir``'s pseudo masks with the person merged in where the image shows one."""
     import mlflow
+
+    problems = person_ablation_problems(params)
+    if problems:
+        raise ConfigError("params.yaml", problems)
 
     manifests = load_splits(root)
     person = manifests["train"].person_class

@@ -1,0 +1,119 @@
+"""The ``evaluate`` stage: the final segmenter on val and test, plain and with flip x scale TTA (and
+the dense CRF under ``evaluate.crf``): mIoU, mean accuracy, pixel accuracy, per-class IoU
+(``metrics/evaluate.json``); the confusion matrix, per-class IoU bars and the paper's Figure 2
+(image | CAM + CRF | pseudo mask | prediction | ground truth) as pictures, in ``plots/evaluate`` and MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from wsss import distributed, tracking, visualize
+from wsss.cam import label_map, load_cams
+from wsss.config import Params, flatten
+from wsss.crf import crf_labels
+from wsss.data.manifest import ImageRecord, Manifest, load_manifest
+from wsss.evaluation import MODE_NAMES, MODES, evaluate_model, final_mode, mode_suffix, post_crf
+from wsss.io import read_image, read_mask, write_csv, write_json
+from wsss.models.segmenter import load_segmenter
+from wsss.stages.paths import CAMS_DIR, EVALUATE_METRICS, PSEUDO_DIR, SEGMENTER_PATH, SPLITS_DIR
+
+EVALUATE_PLOTS = Path("plots/evaluate")
+
+
+def _confusion_figure(matrix: np.ndarray, names: tuple[str, ...], title: str):
+    import matplotlib.pyplot as plt
+
+    rows = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=np.float64), where=rows > 0)
+    figure, axis = plt.subplots(figsize=(1.0 + 0.7 * len(names), 0.8 + 0.6 * len(names)))
+    image = axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axis.set_yticks(range(len(names)), names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("ground truth")
+    axis.set_title(title)
+    for (g, p), value in np.ndenumerate(normalised):
+        axis.text(p, g, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value > 0.5 else "black")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    return figure
+
+
+def _iou_figure(metrics: dict, names: tuple[str, ...], final: str):
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 0.4 * len(names) + 1.2))
+    positions = np.arange(len(names))
+    bars = (("val", "plain"), ("val", final), ("test", final))
+    for offset, (split, mode) in zip((-0.27, 0.0, 0.27), bars, strict=True):
+        label = split + mode_suffix(mode)
+        values = [metrics[split][mode]["iou"][n] or 0.0 for n in names]
+        axis.barh(positions + offset, values, height=0.27, label=f"{label} (mIoU {metrics[split][mode]['miou']:.3f})")
+    axis.set_yticks(positions, names)
+    axis.set_xlim(0, 1)
+    axis.set_xlabel("IoU")
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def run_evaluate(params: Params, root: Path) -> dict:
+    import mlflow
+
+    model, spec = load_segmenter(root / SEGMENTER_PATH)
+    model.to(distributed.current().device)
+    manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("val", "test")}
+    names = manifests["val"].class_names
+    hashes = tracking.input_hashes({"segmenter": root / SEGMENTER_PATH, "splits": root / SPLITS_DIR})
+    final = final_mode(params.evaluate.crf)
+    logged = {**flatten(params.evaluate.model_dump(), "evaluate."), **(flatten(params.crf.model_dump(), "crf.") if params.evaluate.crf else {})}
+    with tracking.stage_run("evaluate", params.tracking.experiment, logged, root=root, hashes=hashes):
+        metrics, matrices, predictions = evaluate_model(model, manifests, params.evaluate.tta_scales, post_crf(params),
+                                                        keep=params.evaluate.num_figures)
+        metrics["tta_scales"] = params.evaluate.tta_scales
+        metrics["final_mode"] = final
+        modes = [mode for mode in MODES if mode in metrics["val"]]
+        write_json(root / EVALUATE_METRICS, metrics)
+        plots = root / EVALUATE_PLOTS
+        plots.mkdir(parents=True, exist_ok=True)
+        write_csv(plots / "per_class_iou.csv", [
+            {"class": n, **{f"{split}_{mode}_iou": _cell(metrics[split][mode]["iou"][n]) for split in ("val", "test") for mode in modes},
+             "test_final_iou": _cell(metrics["test"][final]["iou"][n])}
+            for n in names])
+        write_csv(plots / "confusion_matrix.csv", [{"ground_truth": g, "predicted": p, "pixels": int(matrices["test"][i, j])}
+                                                   for i, g in enumerate(names) for j, p in enumerate(names)])
+        figures = {"confusion_matrix.png": _confusion_figure(matrices["test"], names, f"test, {MODE_NAMES[final]}: share of each true class"),
+                   "per_class_iou.png": _iou_figure(metrics, names, final)}
+        val = manifests["val"]
+        examples = [r for r in val.records if r.mask is not None][: len(predictions)]
+        if examples:
+            figures["figure2.png"] = _figure2(params, root, val, examples, predictions, f"DeepLabv3+{mode_suffix(final)}")
+        for name, figure in figures.items():
+            figure.savefig(plots / name, dpi=110)
+            mlflow.log_figure(figure, name)
+            visualize.close(figure)
+        mlflow.log_metrics({f"{split}_{mode}_{key}": metrics[split][mode][key] for split in ("val", "test") for mode in modes
+                            for key in ("miou", "mean_accuracy", "pixel_accuracy")})
+        mlflow.log_artifact(str(root / EVALUATE_METRICS))
+    return metrics
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+def _figure2(params: Params, root: Path, val: Manifest, records: list[ImageRecord], predictions: list[np.ndarray], title: str):
+    """The paper's Figure 2: image | CAM + CRF | IRNet pseudo mask | DeepLabv3+ | ground truth."""
+    rows = []
+    for record, prediction in zip(records, predictions, strict=True):
+        image = read_image(val.image_path(record))
+        cams = load_cams(root / CAMS_DIR / "val" / f"{record.id}.npz", expected_size=image.shape[:2])
+        cam_crf = crf_labels(image, label_map(cams.full, cams.class_ids, params.cams.eval_threshold), params.crf)
+        pseudo = read_mask(root / PSEUDO_DIR / "val" / f"{record.id}.png")
+        truth = read_mask(val.mask_path(record))
+        rows.append([image, *(visualize.overlay(image, m) for m in (cam_crf, pseudo, prediction, truth))])
+    return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", title, "ground truth"],
+                                row_labels=[r.id for r in records])

@@ -1,0 +1,137 @@
+"""The ``report`` stage: ``reports/summary.md`` (the paper's Tables 1 and 2 for this run, the gap to
+the upper bound) and one MLflow run "pipeline" with every stage's metrics and all params flattened.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from wsss import tracking
+from wsss.config import Params, flatten
+from wsss.errors import DataError
+from wsss.evaluation import MODE_NAMES, MODES, mode_suffix
+from wsss.io import atomic_write_bytes, read_json
+from wsss.stages.paths import EVALUATE_METRICS, ORACLE_METRICS, SEGMENTER_METRICS
+
+REPORT = Path("reports/summary.md")
+# The paper's numbers (LID 2020), for orientation beside this run's.
+PAPER_TABLE2_VAL = {"cam_crf": 0.3106, "irnet": 0.3187, "segmentation_tta": 0.3964}
+PAPER_TABLE1_TEST = {"miou": 0.3734, "mean_accuracy": 0.5487, "pixel_accuracy": 0.8364}
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def _ratio(weak: float, upper: float) -> float:
+    return weak / upper if upper > 0 else float("nan")
+
+
+def summary_markdown(stage_metrics: dict[str, dict]) -> str:
+    """``reports/summary.md`` from the stages' metrics (pure: a test can feed it made-up numbers)."""
+    cams, pseudo, evaluate = stage_metrics["cams"], stage_metrics["pseudo_masks"], stage_metrics["evaluate"]
+    oracle = stage_metrics.get("oracle", {})
+    final = evaluate.get("final_mode", "tta")
+    test_final = evaluate["test"][final]
+    test_modes = list(dict.fromkeys(mode for mode in (final, *reversed(MODES)) if mode in evaluate["test"]))
+    val_rows = [(f"Segmentation{mode_suffix(mode)}", evaluate["val"][mode]) for mode in MODES if mode in evaluate["val"]]
+    lines = [
+        "# wsss: summary of this run",
+        "",
+        "## Table 2: each step on val (mIoU, %)",
+        "",
+        "| step | this run | this run, without the person class | paper (LID val) |",
+        "|---|---:|---:|---:|",
+        f"| Classification + CRF | {_pct(cams['cam_crf']['miou'])} | {_pct(cams['cam_crf'].get('miou_without_person'))} | {_pct(PAPER_TABLE2_VAL['cam_crf'])} |",
+        f"| IRNet (pseudo masks) | {_pct(pseudo['val']['miou'])} | {_pct(pseudo['val'].get('miou_without_person'))} | {_pct(PAPER_TABLE2_VAL['irnet'])} |",
+        *(f"| {name} | {_pct(scores['miou'])} | {_pct(scores.get('miou_without_person'))} | "
+          f"{_pct(PAPER_TABLE2_VAL['segmentation_tta']) if name == 'Segmentation + TTA' else ''} |" for name, scores in val_rows),
+        "",
+        "## Table 1: the final model on test (%)",
+        "",
+        "| | mIoU | mean accuracy | pixel accuracy |",
+        "|---|---:|---:|---:|",
+        *(f"| this run, {MODE_NAMES[mode]} | {_pct(evaluate['test'][mode]['miou'])} | {_pct(evaluate['test'][mode]['mean_accuracy'])} | "
+          f"{_pct(evaluate['test'][mode]['pixel_accuracy'])} |" for mode in test_modes),
+        f"| paper (LID test) | {_pct(PAPER_TABLE1_TEST['miou'])} | {_pct(PAPER_TABLE1_TEST['mean_accuracy'])} | {_pct(PAPER_TABLE1_TEST['pixel_accuracy'])} |",
+        "",
+        "## Weak against full supervision",
+        "",
+    ]
+    if oracle.get("available") and final not in oracle["test"]:
+        lines.append(f"The upper bound was not scored with {MODE_NAMES[final]}: re-run the oracle stage (`dvc repro oracle`).")
+    elif oracle.get("available"):
+        upper = oracle["test"][final]
+        lines += [
+            "The upper bound is the same segmenter, trained with the same budget on the ground-truth training masks.",
+            "",
+            f"| model (test, {MODE_NAMES[final]}) | mIoU | without the person class | mean accuracy | pixel accuracy |",
+            "|---|---:|---:|---:|---:|",
+            f"| weakly supervised (image labels only) | {_pct(test_final['miou'])} | {_pct(test_final.get('miou_without_person'))} | "
+            f"{_pct(test_final['mean_accuracy'])} | {_pct(test_final['pixel_accuracy'])} |",
+            f"| upper bound (true masks) | {_pct(upper['miou'])} | {_pct(upper.get('miou_without_person'))} | "
+            f"{_pct(upper['mean_accuracy'])} | {_pct(upper['pixel_accuracy'])} |",
+            "",
+            f"Weak / full supervision: **{_pct(_ratio(test_final['miou'], upper['miou']))} %** of the upper bound's test mIoU"
+            + (f"; {_pct(_ratio(test_final['miou_without_person'], upper['miou_without_person']))} % without the person class, "
+               "whose labels the weak model never sees (the paper drops them)." if "miou_without_person" in upper else "."),
+        ]
+        if "miou_person_as_background" in upper:
+            lines += ["", "Ceiling of a model that never predicts the person class (the paper's, which drops its labels): the upper "
+                          f"bound's own predictions with every person pixel turned background score {_pct(upper['miou_person_as_background'])} "
+                          f"mIoU, **{_pct(_ratio(upper['miou_person_as_background'], upper['miou']))} %** of the upper bound."]
+        if final != "tta" and "tta" in oracle["test"]:
+            tta_upper = oracle["test"]["tta"]
+            ceiling = (f" (ceiling {_pct(_ratio(tta_upper['miou_person_as_background'], tta_upper['miou']))} %)"
+                       if "miou_person_as_background" in tta_upper else "")
+            lines += ["", f"With TTA only (no CRF on either model): {_pct(_ratio(evaluate['test']['tta']['miou'], tta_upper['miou']))} %{ceiling}."]
+    else:
+        lines.append(f"No upper bound: {oracle.get('reason', 'the oracle stage did not run')}.")
+    lines += ["", "Per-class IoU, the confusion matrix and Figure 2 (image | CAM + CRF | pseudo mask | prediction | "
+              "ground truth): `plots/evaluate/`, and the MLflow runs of this pipeline.", ""]
+    return "\n".join(lines)
+
+
+REPORT_INPUTS = {"prepare": "metrics/prepare.json", "data": "metrics/data.json", "classifier": "metrics/classifier.json",
+                 "cams": "metrics/cams.json", "ir_labels": "metrics/ir_labels.json", "irnet": "metrics/irnet.json",
+                 "pseudo_masks": "metrics/pseudo_masks.json", "segmenter": str(SEGMENTER_METRICS), "oracle": str(ORACLE_METRICS),
+                 "evaluate": str(EVALUATE_METRICS)}
+
+
+def _numbers(payload, prefix: str = "") -> dict[str, float]:
+    """Every number in a metrics document, flattened to ``a.b.c`` keys (MLflow metric names)."""
+    flat: dict[str, float] = {}
+    items = payload.items() if isinstance(payload, dict) else enumerate(payload) if isinstance(payload, list) else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            flat[name] = float(value)
+        elif isinstance(value, (dict, list)):
+            flat.update(_numbers(value, name + "."))
+    return flat
+
+
+def run_report(params: Params, root: Path) -> dict:
+    import mlflow
+
+    stage_metrics = {}
+    for stage, relative in REPORT_INPUTS.items():
+        if not (root / relative).is_file():
+            raise DataError(root / relative, f"metrics of stage {stage} not found: run `dvc repro` (the report reads every stage's metrics)")
+        stage_metrics[stage] = read_json(root / relative)
+    text = summary_markdown(stage_metrics)
+    (root / REPORT).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(root / REPORT, text.encode())
+    hashes = tracking.input_hashes({name: root / relative for name, relative in REPORT_INPUTS.items()})
+    with tracking.stage_run("pipeline", params.tracking.experiment, flatten(params), root=root, hashes=hashes):
+        metrics = {}
+        for stage, payload in stage_metrics.items():
+            metrics.update(_numbers(payload, f"{stage}."))
+        # MLflow metric names: letters, digits and _ - . / space
+        mlflow.log_metrics({name.replace("(", "").replace(")", ""): value for name, value in metrics.items()})
+        mlflow.log_artifact(str(root / REPORT))
+        mlflow.set_tag("wsss.kind", "pipeline")
+    return {"report": str(REPORT), "metrics_logged": len(metrics)}
