@@ -4,6 +4,7 @@ and the code a stage runs as part of its checkpoint fingerprint."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import urllib.error
 from pathlib import Path
@@ -93,10 +94,11 @@ def test_a_stage_without_network_exits_with_the_key_named(offline_hub, project, 
 def test_local_weight_files_load_whole_or_features_only_and_a_wrong_file_is_named(tmp_path):
     torch.manual_seed(0)
     vgg = torchvision.models.vgg16_bn(weights=None)
-    whole, features = tmp_path / "whole.pth", tmp_path / "features.pth"
+    whole, features, own = tmp_path / "whole.pth", tmp_path / "features.pth", tmp_path / "own.pth"
     torch.save(vgg.state_dict(), whole)
     torch.save({f"features.{k}": v for k, v in vgg.features.state_dict().items()}, features)
-    for path in (whole, features):
+    torch.save(vgg.features.state_dict(), own)
+    for path in (whole, features, own):
         model = build_classifier("vgg16_bn_d1", 2, 1, weights=str(path))
         assert torch.equal(model.backbone[0].weight, vgg.features[0].weight)
     resnet = tmp_path / "resnet50.pth"
@@ -105,6 +107,10 @@ def test_local_weight_files_load_whole_or_features_only_and_a_wrong_file_is_name
         resnet50_stages(str(resnet))
     with pytest.raises(ConfigError, match="classifier.weights"):
         build_classifier("vgg16_bn_d1", 2, 1, weights=str(resnet))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")  # not a state dict at all
+    for build, key in ((lambda p: resnet50_stages(p), "irnet.backbone_weights"), (lambda p: build_classifier("vgg16_bn_d1", 2, 1, p), "classifier.weights")):
+        with pytest.raises(ConfigError, match=key):
+            build(str(tmp_path / "tensor.pth"))
 
 
 def _own_voc(project: Path) -> Path:
@@ -124,9 +130,17 @@ def test_a_voc_format_dataset_of_ones_own_with_no_person(project, mlflow_store, 
     assert manifest.class_names == ("background", "tray", "cup", "spoon") and manifest.person_class is None
     train = load_manifest(project / "data/splits/train.json")
     assert sorted({label for r in train.records for label in r.labels}) == [1, 2, 3]  # nothing dropped
-    # the ablation's person stages cannot run without a person class: refused at their start, key named
-    assert main(["person-classifier", "--root", str(project)]) != 0
-    assert "data.person_class" in capsys.readouterr().err
+    # the ablation without a person: its person stages write "unavailable", a person cell is refused at its start
+    assert main(["person-classifier", "--root", str(project)]) == 0
+    assert json.loads((project / "metrics/person_classifier.json").read_text())["available"] is False
+    assert main(["person-masks", "--root", str(project), "--masks", "ablation/masks/thr-1.6-person-false",
+                 "--out", "ablation/masks/thr-1.6-person-true", "--metrics", "metrics/ablation/masks.json"]) == 0
+    assert (project / "ablation/masks/thr-1.6-person-true/UNAVAILABLE.txt").is_file()
+    assert main(["ablation-cell", "--root", str(project), "--encoder", "classifier", "--threshold", "1.6", "--person", "true",
+                 "--masks", "ablation/masks/thr-1.6-person-true", "--model", "models/ablation/cell",
+                 "--metrics", "metrics/ablation/cell.json"]) != 0
+    assert "ablation.person" in capsys.readouterr().err
+    assert not (project / "models/ablation/cell").exists()
 
 
 def test_class_names_from_a_file_and_mask_values_beyond_them(project, mlflow_store, capsys):
@@ -151,6 +165,9 @@ def test_class_list_file_is_read_inside_the_root(tmp_path):
     (tmp_path / "twice.txt").write_text("cat\ncat\n")
     with pytest.raises(DataError, match="more than once"):
         voc_class_names(tmp_path, "twice.txt")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match="data.voc.classes"):
+        voc_class_names(tmp_path, "folder")
 
 
 @pytest.mark.parametrize(("overrides", "key"), [

@@ -19,6 +19,8 @@ written by rank 0.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,8 +200,9 @@ def train_classifier(
         total, seen = distributed.all_reduce_sum(np.array([total, seen], dtype=np.float64), context)
         result = EpochResult(epoch, float(total / max(seen, 1)), scores.micro, scores.macro, scores.per_class.tolist(), lr)
         history.append(result)
-        if result.macro_f1 > best_macro or not best_epoch:  # NaN (no class to score) keeps the first epoch
-            best_macro, best_epoch = result.macro_f1, epoch
+        score = result.macro_f1 if math.isfinite(result.macro_f1) else -math.inf  # NaN: no class to score
+        if score > best_macro or not best_epoch:
+            best_macro, best_epoch = score, epoch
             if context.is_main:
                 checkpoint.save(checkpoint_dir / BEST, {"model": model.state_dict(), "epoch": epoch, "fingerprint": run_fingerprint})
         last = {

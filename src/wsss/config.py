@@ -491,15 +491,6 @@ def sweep_space_problems(params: Params) -> list[tuple[str, str]]:
     return problems
 
 
-def person_ablation_problems(params: Params) -> list[tuple[str, str]]:
-    """The person stages of the ablation without a person class (checked when they start, not by the
-    schema: a dataset without a person must not stop the main pipeline)."""
-    if params.data.person_class is None:
-        return [("data.person_class", "is null: the ablation's person classifier and merge need a person class; "
-                                      "set ablation.person to [false] (or name the class)")]
-    return []
-
-
 def _format_location(location: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in location) or "<top level>"
 
@@ -546,8 +537,11 @@ def dvc_param_keys(root: str | Path) -> dict[str, set[str]]:
         text = path.read_text()
         found = set()
         for stage in (yaml.safe_load(text) or {}).get("stages", {}).values():
-            for entry in stage.get("params", []):
-                found.update([entry] if isinstance(entry, str) else [key for keys_ in entry.values() for key in keys_])
+            for entry in stage.get("params") or []:
+                if isinstance(entry, str):
+                    found.add(entry)
+                elif isinstance(entry, dict):  # {file: [keys]}: only params.yaml's keys are this file's
+                    found.update(key for file, keys_ in entry.items() if Path(file).name == "params.yaml" for key in keys_ or [])
         found.update(name for name in re.findall(r"\$\{([^}]+)\}", text) if not name.startswith("item."))
         keys[pipeline] = found
     return keys

@@ -75,6 +75,8 @@ def voc_class_names(root: Path, classes: list[str] | str | None) -> tuple[str, .
             raise DataError(path, "class list not found (data.voc.classes)") from None
         except UnicodeDecodeError:
             raise DataError(path, "class list is not text (data.voc.classes)") from None
+        except OSError as error:
+            raise DataError(path, f"class list cannot be read (data.voc.classes): {error.strerror or error}") from None
         if names and names[0].lower() in ("background", "_background_"):
             names = names[1:]
         try:

@@ -120,8 +120,8 @@ def imagenet_state_dict(weights_enum, key: str) -> dict:
 
 def vgg16_bn_d1_backbone(weights: str) -> nn.Sequential:
     """torchvision's VGG16-BN features, turned into the D1 variant (output stride 8). ``weights``:
-    ``none``, ``imagenet`` or a local torchvision ``vgg16_bn`` state dict (whole, or its ``features.*``
-    entries alone: the classifier layers are not used)."""
+    ``none``, ``imagenet`` or a local torchvision ``vgg16_bn`` state dict (whole, its ``features.*``
+    entries alone, or ``vgg.features``' own: the classifier layers are not used)."""
     import torchvision
 
     vgg = torchvision.models.vgg16_bn(weights=None)
@@ -132,7 +132,10 @@ def vgg16_bn_d1_backbone(weights: str) -> nn.Sequential:
             state = _load_state_dict(Path(weights))
         if not isinstance(state, dict) or not all(isinstance(name, str) for name in state):
             raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not hold a state dict")])
-        features = {name.removeprefix("features."): value for name, value in state.items() if name.startswith("features.")}
+        if any(name.startswith("features.") for name in state):
+            features = {name.removeprefix("features."): value for name, value in state.items() if name.startswith("features.")}
+        else:  # saved from vgg.features itself
+            features = state
         try:
             vgg.features.load_state_dict(features)
         except RuntimeError as error:

@@ -64,6 +64,8 @@ def resnet50_stages(weights: str) -> FrozenStages:
             state = imagenet_state_dict(torchvision.models.ResNet50_Weights.IMAGENET1K_V1, "irnet.backbone_weights")
         else:
             state = _load_state_dict(Path(weights), "irnet.backbone_weights")
+        if not isinstance(state, dict):
+            raise ConfigError("params.yaml", [("irnet.backbone_weights", f"{weights} does not hold a state dict")])
         try:
             net.load_state_dict(state)
         except RuntimeError as error:

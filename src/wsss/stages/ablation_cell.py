@@ -14,12 +14,13 @@ from pathlib import Path
 
 from wsss import checkpoint, distributed, provenance, tracking
 from wsss.config import Params, SegmenterParams, flatten
+from wsss.errors import ConfigError
+from wsss.evaluation import evaluate_model
 from wsss.io import write_json
 from wsss.models.segmenter import CLASSIFIER_ENCODER, save_segmenter
 from wsss.segmentation import SegmentationDataset
 from wsss.stages.common import background_knob, cell_name, load_splits, unfinished_run
 from wsss.stages.paths import PREPARED_DIR, SPLITS_DIR
-from wsss.evaluation import evaluate_model
 from wsss.stages.segmenter import encoder_inputs, fit_tracked, segmenter_spec
 
 CELL_KIND = "cell"
@@ -42,6 +43,8 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
 
     manifests = load_splits(root)
     train, val = manifests["train"], manifests["val"]
+    if person and train.person_class is None:
+        raise ConfigError("params.yaml", [("ablation.person", "true needs a person class, but data.person_class is null; use [false]")])
     config = cell_segmenter(params, encoder)
     name = cell_name(encoder, threshold, person)
     encoder_weights, weight_files = encoder_inputs(params, root, encoder)

@@ -53,6 +53,11 @@ def training_curve_figure(result: TrainResult):
     return figure
 
 
+def _finite(value: float) -> float | None:
+    """A score for JSON: None where there is none (NaN is not JSON)."""
+    return value if math.isfinite(value) else None
+
+
 def _curve_rows(result: TrainResult) -> list[dict]:
     return [{"epoch": r.epoch, "loss": f"{r.loss:.6f}", "val_micro_f1": f"{r.micro_f1:.6f}", "val_macro_f1": f"{r.macro_f1:.6f}"}
             for r in result.history]
@@ -91,8 +96,8 @@ def run_train_classifier(params: Params, root: Path) -> TrainResult:
 
         metrics = {
             "best_epoch": result.best_epoch,
-            "val_macro_f1": result.best.macro_f1,
-            "val_micro_f1": result.best.micro_f1,
+            "val_macro_f1": _finite(result.best.macro_f1),
+            "val_micro_f1": _finite(result.best.micro_f1),
             # None: the class is in no val image and was never predicted (no F1, left out of the macro mean)
             "val_f1": {names[c]: (f if math.isfinite(f) else None) for c, f in zip(result.class_ids, result.best.per_class_f1, strict=True)},
             "epochs": len(result.history),

@@ -20,9 +20,9 @@ from wsss import checkpoint, distributed, provenance, tracking
 from wsss.cam import load_cams
 from wsss.cam_inference import compute_cams
 from wsss.classifier import BEST, LAST, train_classifier
-from wsss.config import Params, flatten, person_ablation_problems
+from wsss.config import Params, flatten
 from wsss.crf import CrfTask, crf_many
-from wsss.errors import ConfigError, DataError
+from wsss.errors import DataError
 from wsss.io import atomic_dir, read_image, read_json, read_mask, write_json, write_mask_png
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.models.classifier import classifier_state, load_trained_classifier
@@ -35,6 +35,7 @@ PERSON_CHECKPOINTS = Path("checkpoints/person_classifier")
 PERSON_CAMS = Path("cams_person")
 PERSON_METRICS = Path("metrics/person_classifier.json")
 _NOT_IN_FINGERPRINT = {"workers", "threads"}
+NO_PERSON = "no person class (data.person_class: null): nothing to classify or merge; the grid's person cells need one"
 
 
 def binary_scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
@@ -49,13 +50,17 @@ def binary_scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
 def run_person_classifier(params: Params, root: Path) -> dict:
     import mlflow
 
-    problems = person_ablation_problems(params)
-    if problems:
-        raise ConfigError("params.yaml", problems)
-
     manifests = load_splits(root)
     train, val = manifests["train"], manifests["val"]
     person = train.person_class
+    if person is None:  # data.person_class: null: the grid's person cells cannot run, the others can
+        with atomic_dir(root / PERSON_MODEL.parent) as staging:
+            (staging / "UNAVAILABLE.txt").write_text(NO_PERSON + "\n")
+        with atomic_dir(root / PERSON_CAMS) as staging:
+            write_json(staging / INDEX_FILE, {"available": False})
+        metrics = {"available": False, "reason": NO_PERSON}
+        write_json(root / PERSON_METRICS, metrics)
+        return metrics
     views = {"train": person_view(train, noisy=True), "val": person_view(val, noisy=False)}
     config = params.classifier.model_copy(update={"epochs": params.person.epochs})
     # the step-1 training loop, on the binary view: its one class is the person
@@ -108,12 +113,14 @@ def run_person_masks(params: Params, root: Path, masks_dir: Path, out_dir: Path,
     """``masks_dir``'s pseudo masks with the person merged in where the image shows one."""
     import mlflow
 
-    problems = person_ablation_problems(params)
-    if problems:
-        raise ConfigError("params.yaml", problems)
-
     manifests = load_splits(root)
     person = manifests["train"].person_class
+    if person is None:
+        with atomic_dir(root / out_dir) as staging:
+            (staging / "UNAVAILABLE.txt").write_text(NO_PERSON + "\n")
+        metrics = {"person": True, "available": False, "reason": NO_PERSON}
+        write_json(root / metrics_path, metrics)
+        return metrics
     index = read_json(root / PERSON_CAMS / INDEX_FILE)
     config = params.person
     num_classes = manifests["val"].num_classes
