@@ -121,16 +121,19 @@ def _class_sets(count: int, ids: list[int], person: int | None, seed: int) -> li
     return sets
 
 
-def write_voc_tree(root: Path, train: int = 16, val: int = 8) -> Path:
+def write_voc_tree(root: Path, train: int = 16, val: int = 8, size: tuple[int, int] = (40, 48)) -> Path:
     """A VOC2012-layout tree: JPEGImages, SegmentationClassAug (palette PNGs with a 255 border),
-    ImageSets/Segmentation/{train_aug,val}.txt; image sizes vary around 48 x 40."""
+    ImageSets/Segmentation/{train_aug,val}.txt; image sizes vary around ``size`` (height, width: 48 x 40
+    by default; with VOC's 375 x 500 every fifth image is portrait, as in VOC)."""
     ids = [VOC_CLASSES.index(name) for name in SHAPE_CLASSES]
     person = VOC_CLASSES.index("person")
     lists = {"train_aug": [], "val": []}
     for subset, count, seed in (("train_aug", train, 1), ("val", val, 2)):
         for index, classes in enumerate(_class_sets(count, ids, person, seed)):
             image_id = f"2007_{seed}{index:05d}"
-            height, width = 40 + 4 * (index % 3), 48 + 4 * (index % 2)
+            height, width = size[0] + 4 * (index % 3), size[1] + 4 * (index % 2)
+            if size[0] > 100 and index % 5 == 4:
+                height, width = width, height
             image, mask = _scene(classes, height, width, seed * 1000 + index)
             mask[0, :] = 255  # VOC's void boundary
             _save_jpeg(root / "JPEGImages" / f"{image_id}.jpg", image)

@@ -8,6 +8,7 @@ from wsss.cam import (
     ImageCams,
     confidence_score,
     label_map,
+    labelled_cams,
     load_cams,
     multiscale_cams,
     normalise,
@@ -109,3 +110,18 @@ def test_missing_or_inconsistent_cam_files_are_named(tmp_path):
     (tmp_path / "e.npz").write_bytes(b"garbage")
     with pytest.raises(DataError, match="e.npz: not a valid CAM file"):
         load_cams(tmp_path / "e.npz")
+
+
+def test_labelled_cams_upsample_only_the_wanted_classes_and_equal_all_class_maps():
+    """Only each image's labelled classes are upsampled (x100 less work at 200 classes), with the
+    same maps as upsampling all of them; an image without a known class gets empty maps."""
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", num_outputs=5, extra_convs=1).eval()
+    images = torch.rand(3, 3, 24, 20)
+    wanted = [torch.tensor([1, 4]), torch.tensor([3]), torch.tensor([], dtype=torch.long)]
+    logits_all, stride4_all, full_all = multiscale_cams(model, images, [1.0, 0.5, 1.5])
+    logits, stride4, full = labelled_cams(model, images, [1.0, 0.5, 1.5], wanted)
+    assert torch.equal(logits, logits_all)
+    for row, indices in enumerate(wanted):
+        assert full[row].shape == (len(indices), 24, 20) and stride4[row].shape == (len(indices), 6, 5)
+        assert torch.equal(full[row], full_all[row, indices]) and torch.equal(stride4[row], stride4_all[row, indices])

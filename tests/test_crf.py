@@ -49,7 +49,7 @@ def test_crf_refinement_of_predictions_streams_in_order_over_chunks():
     """evaluate.crf: the TTA predictions are refined a chunk at a time, each against its own image;
     an image that fails is named."""
     from wsss.metrics import confusion_matrix, segmentation_scores
-    from wsss.evaluation import crf_refined
+    from wsss.crf import crf_refined
 
     items = []
     for index in range(5):

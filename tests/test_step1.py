@@ -13,11 +13,13 @@ import yaml
 from conftest import make_document, make_params
 
 from wsss import checkpoint
+from wsss.cam import CamStore
 from wsss.cam_inference import evaluate_cams
 from wsss.classifier import BEST, LAST, train_classifier, trained_class_ids
 from wsss.cli import main
 from wsss.data.manifest import load_manifest
 from wsss.errors import DataError
+from wsss.io import read_image
 
 STEP1 = {"classifier.epochs": 3, "classifier.batch_size": 16, "classifier.image_size": 32,
          "cams.scales": [1.0, 0.5], "cams.num_overlays": 2, "crf.bilateral_sxy": 10, "crf.workers": 1}
@@ -86,7 +88,12 @@ def test_stages_write_metrics_cams_and_mlflow_runs(split_project):
     index = json.loads((root / "cams/index.json").read_text())
     train = load_manifest(root / "data/splits/train.json")
     assert [entry["id"] for entry in index["images"]["train"]] == [r.id for r in train.records]
-    assert len(list((root / "cams/train").glob("*.npz"))) == len(train.records)
+    shards = sorted((root / "cams/train").glob("shard-*.npz"))  # 128 images a file, not one file per image
+    assert len(shards) == -(-len(train.records) // 128) and not (root / ".cams.partial").exists()
+    stored = CamStore(root / "cams/train")
+    assert set(stored.reader.index) == {r.id for r in train.records}
+    first = train.records[0]
+    assert stored.load(first.id).full.shape[1:] == read_image(train.image_path(first)).shape[:2]
     for entry, record in zip(index["images"]["train"], train.records, strict=True):
         assert set(entry["labels"]) == set(record.labels)  # a map for every labelled (trained) class
         assert 0 <= entry["confidence"] <= 1
@@ -102,19 +109,26 @@ def test_stages_write_metrics_cams_and_mlflow_runs(split_project):
     assert runs.iloc[3]["metrics.cam_crf_miou"] == pytest.approx(cams["cam_crf"]["miou"])
 
 
-def test_a_missing_cam_file_is_named(split_project, tmp_path):
+def test_missing_or_broken_cams_are_named(split_project, tmp_path):
+    """An image no shard holds, a missing shard and a corrupt shard each name the file (and image)."""
+    from wsss.cam import ImageCams, cams_arrays, stride4_size
+    from wsss.shards import write_index, write_shard
+
     params = make_params(STEP1)
     val = load_manifest(split_project / "data/splits/val.json")
     folder = tmp_path / "cams"
-    folder.mkdir()
-    from wsss.cam import ImageCams, save_cams, stride4_size
-
-    for record in val.records[1:]:
-        h4, w4 = stride4_size(32, 32)
-        save_cams(folder / f"{record.id}.npz", ImageCams(np.array([1]), np.zeros((1, h4, w4)), np.zeros((1, 32, 32)),
-                                                         np.array([0.5]), np.array([1]), 0.5))
-    with pytest.raises(DataError, match=f"{val.records[0].id}.npz: CAM file missing"):
+    h4, w4 = stride4_size(32, 32)
+    cams = cams_arrays(ImageCams(np.array([1]), np.zeros((1, h4, w4)), np.zeros((1, 32, 32)), np.array([0.5]), np.array([1]), 0.5))
+    write_shard(folder / "shard-00000.npz", [(record.id, cams) for record in val.records[1:]])
+    write_index(folder)
+    with pytest.raises(DataError, match=f"shards.json: no shard holds image '{val.records[0].id}'"):
         evaluate_cams(val, folder, params.cams, params.crf)
+    (folder / "shard-00000.npz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="shard-00000.npz: not a valid shard"):
+        evaluate_cams(val.derive(val.records[1:]), folder, params.cams, params.crf)
+    (folder / "shard-00000.npz").unlink()
+    with pytest.raises(DataError, match="shard-00000.npz: shard missing"):
+        evaluate_cams(val.derive(val.records[1:]), folder, params.cams, params.crf)
 
 
 STEP2 = {**STEP1, "irnet.confidence_cutoff": 0.0, "irnet.epochs": 1, "irnet.batch_size": 8, "irnet.crop_size": 32,

@@ -160,6 +160,23 @@ def test_sparse_walk_equals_the_dense_reference():
     assert together[2].shape == (0, 9, 7)
 
 
+def test_torch_sparse_walk_equals_the_scipy_walk():
+    """The device path (torch sparse CSR; on a GPU it runs there) gives scipy's maps on the CPU, in the
+    pipeline's float32, for a batch of images of different sizes and class counts."""
+    rng = np.random.default_rng(1)
+    sizes = [(24, 17), (9, 30), (16, 16)]
+    boundaries = [torch.from_numpy(rng.random(size).astype(np.float32) * 0.8) for size in sizes]
+    cams = [torch.from_numpy(rng.random((count, *size)).astype(np.float32)) for count, size in zip((3, 1, 0), sizes)]
+    by_scipy = propagate_many(cams, boundaries, 5, 10.0, 8, backend="scipy")
+    by_torch = propagate_many(cams, boundaries, 5, 10.0, 8, backend="torch")
+    for scipy_maps, torch_maps, cam in zip(by_scipy, by_torch, cams):
+        assert torch_maps.shape == cam.shape and torch_maps.dtype == torch.float32
+        assert scipy_maps.numel() == 0 or torch.abs(scipy_maps - torch_maps).max() < 1e-6
+    assert by_scipy[0].abs().max() > 0.01  # a walk that kept its mass, not two zero maps
+    with pytest.raises(ValueError, match="backend"):
+        propagate_many(cams, boundaries, 5, 10.0, 8, backend="cupy")
+
+
 def test_pseudo_mask_background_plane_and_class_ids():
     walked = torch.zeros(2, 3, 3)
     walked[0, 0, 0] = 1.0

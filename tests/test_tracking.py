@@ -9,7 +9,7 @@ import pytest
 
 from wsss import tracking
 from wsss.cli import main
-from wsss.io import content_hash
+from wsss.io import dvc_md5
 
 
 def _git_commit(root: Path) -> str:
@@ -23,7 +23,7 @@ def _git_commit(root: Path) -> str:
 def test_each_data_stage_logs_one_run_with_params_metrics_and_lineage(project, mlflow_store):
     commit = _git_commit(project)
     assert main(["prepare", "--root", str(project)]) == 0
-    prepared_hash = content_hash(project / "data/prepared")
+    prepared_hash = dvc_md5(project / "data/prepared")
     assert main(["split", "--root", str(project)]) == 0
 
     runs = mlflow.search_runs(experiment_names=["wsss"], order_by=["attributes.start_time ASC"])
@@ -34,7 +34,7 @@ def test_each_data_stage_logs_one_run_with_params_metrics_and_lineage(project, m
     assert prepare["params.data.source"] == "embedded"
     assert prepare["params.data.embedded.image_size"] == "32"
     assert prepare["metrics.images_train"] == 80
-    assert prepare["tags.wsss.input.source"] == content_hash(project / "data/sources/fashion-mnist")
+    assert prepare["tags.wsss.input.source"] == dvc_md5(project / "data/sources/fashion-mnist")
     assert prepare["tags.wsss.git_commit"] == commit and prepare["tags.wsss.git_dirty"] == "false"
 
     metrics = json.loads((project / "metrics/data.json").read_text())
@@ -71,3 +71,31 @@ def test_default_store_is_sqlite_under_the_project(tmp_path, monkeypatch):
     assert tracking.artifact_location("http://127.0.0.1:5000", "wsss") is None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://u@127.0.0.1/mlflow")
     assert tracking.tracking_uri(tmp_path) == "postgresql://u@127.0.0.1/mlflow"
+
+
+def test_lineage_hashes_are_dvc_hashes_and_come_from_the_lock_while_it_describes_the_files(tmp_path, monkeypatch):
+    """wsss.input.* tags hold the MD5 that dvc.lock records (equal to `dvc add`'s for the same folder);
+    a folder the lock still describes is not read again, a changed one is hashed anew."""
+    import sys
+
+    import yaml
+
+    outputs = tmp_path / "cams"
+    (outputs / "val").mkdir(parents=True)
+    (outputs / "a.npz").write_bytes(b"first file")
+    (outputs / "val" / "b.npz").write_bytes(b"\x00\x01 second, binary")
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(dvc), "add", "-q", "cams"], cwd=tmp_path, check=True)
+    added = yaml.safe_load((tmp_path / "cams.dvc").read_text())["outs"][0]
+    assert dvc_md5(outputs) == added["md5"] and added["md5"].endswith(".dir")
+
+    lock = {"schema": "2.0", "stages": {"cams": {"cmd": "x", "outs": [{"path": "cams", "hash": "md5", "md5": "0123abcd.dir",
+                                                                      "size": added["size"], "nfiles": added["nfiles"]}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    monkeypatch.setattr(tracking, "dvc_md5", lambda path: pytest.fail(f"{path} was hashed again"))
+    assert tracking.input_hashes({"cams": outputs}) == {"cams": "0123abcd.dir"}  # the lock's, not recomputed
+
+    monkeypatch.undo()
+    (outputs / "a.npz").write_bytes(b"first file, changed")  # another size, a later mtime
+    assert tracking.input_hashes({"cams": outputs}) == {"cams": dvc_md5(outputs)} != {"cams": "0123abcd.dir"}

@@ -9,21 +9,24 @@ CAM+CRF refines that map with :func:`wsss.crf.crf_labels` (the paper's Table 2 r
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from wsss import augment
-from wsss.cam import ImageCams, confidence_score, label_map, load_cams, multiscale_cams, normalise, save_cams
+from wsss.cam import CamStore, ImageCams, cams_arrays, confidence_score, label_map, labelled_cams, normalise
 from wsss.config import CamParams, CrfParams
-from wsss.crf import CrfTask, crf_many
+from wsss.crf import crf_refined
 from wsss.data.manifest import ImageRecord, Manifest
+from wsss.errors import DataError
 from wsss.io import read_image, read_mask
 from wsss.metrics import confusion_matrix
+from wsss.shards import SHARD_SIZE, read_meta, shard_name, shard_numbers, write_index, write_shard
 from wsss.models.classifier import CamClassifier
 
 
@@ -34,52 +37,111 @@ class CamSummary:
     confidence: float
 
 
-def cam_path(folder: Path, record: ImageRecord) -> Path:
-    return folder / f"{record.id}.npz"
+class _Images(Dataset):
+    """``(position, image or None, error or None)`` of each record: read by the loader's workers."""
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+
+    def __len__(self) -> int:
+        return len(self.manifest.records)
+
+    def __getitem__(self, position: int):
+        try:
+            return position, read_image(self.manifest.image_path(self.manifest.records[position])), None
+        except DataError as error:  # re-raised in the main process with its file named
+            return position, None, (error.path, str(error)[len(error.path) + 2 :])
+
+
+def _as_is(sample):
+    return sample
+
+
+def read_images(manifest: Manifest, workers: int = 0) -> Iterator[tuple[ImageRecord, np.ndarray]]:
+    """``(record, image)`` in manifest order; with ``workers`` > 0 read ahead by that many loader
+    processes (a couple of images each), so the reading overlaps the network."""
+    if workers == 0:
+        for record in manifest.records:
+            yield record, read_image(manifest.image_path(record))
+        return
+    loader = DataLoader(_Images(manifest), batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=2)
+    for position, image, error in loader:
+        if error is not None:
+            raise DataError(*error)
+        yield manifest.records[position], image
+
+
+def same_size_batches(items: Iterable[tuple[ImageRecord, np.ndarray]], batch_size: int,
+                      max_pending: int | None = None) -> Iterator[list[tuple[ImageRecord, np.ndarray]]]:
+    """Batches of images of one size, in the order they fill. A size's batch goes out when it holds
+    ``batch_size`` images; when ``max_pending`` images (4 batches by default) wait in all, the fullest
+    size goes out early, so memory stays bounded however many sizes a dataset has."""
+    max_pending = max_pending or 4 * batch_size
+    by_size: dict[tuple[int, int], list[tuple[ImageRecord, np.ndarray]]] = {}
+    pending = 0
+    for record, image in items:
+        group = by_size.setdefault(image.shape[:2], [])
+        group.append((record, image))
+        pending += 1
+        if len(group) == batch_size:
+            yield by_size.pop(image.shape[:2])
+            pending -= batch_size
+        elif pending >= max_pending:
+            fullest = max(by_size, key=lambda size: len(by_size[size]))
+            pending -= len(by_size[fullest])
+            yield by_size.pop(fullest)
+    yield from (group for group in by_size.values() if group)
 
 
 def compute_cams(model: CamClassifier, class_ids: list[int], manifest: Manifest, out_dir: Path, params: CamParams,
-                 device: torch.device | None = None, desc: str = "cams") -> list[CamSummary]:
-    """Write ``<out_dir>/<id>.npz`` for every record; return each image's labels and confidence."""
+                 device: torch.device | None = None, desc: str = "cams", workers: int = 0,
+                 shards: Sequence[int] | None = None, shard_size: int = SHARD_SIZE) -> list[CamSummary]:
+    """The CAMs of ``manifest`` as shards in ``out_dir`` (:mod:`wsss.shards`): the shards numbered
+    ``shards`` (all, and ``shards.json``, by default). A shard already in ``out_dir`` is kept: a killed
+    run resumes where it stopped. Returns the labels and confidence of those shards' images, in order.
+
+    Streamed: images are read ahead (``workers`` loader processes), batched by size
+    (:func:`same_size_batches`), and only each image's labelled classes are upsampled; a shard is
+    written as soon as its last image is done."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     known = np.array(class_ids)
-    by_size: dict[tuple[int, int], list[tuple[ImageRecord, np.ndarray]]] = defaultdict(list)
-    summaries: dict[str, CamSummary] = {}
-    progress = tqdm(total=len(manifest.records), desc=desc, unit="img")
-
-    def flush(batch: list[tuple[ImageRecord, np.ndarray]]) -> None:
+    ranges = shard_numbers(len(manifest.records), shard_size)
+    numbers = list(range(len(ranges))) if shards is None else list(shards)
+    todo = [n for n in numbers if not (out_dir / shard_name(n)).is_file()]
+    shard_of = {manifest.records[i].id: n for n in todo for i in ranges[n]}
+    pending = manifest.derive([manifest.records[i] for n in todo for i in ranges[n]])
+    done: dict[int, dict[str, tuple[dict, dict]]] = {n: {} for n in todo}
+    progress = tqdm(total=sum(len(ranges[n]) for n in numbers), initial=sum(len(ranges[n]) for n in numbers) - len(pending.records),
+                    desc=desc, unit="img")
+    for batch in same_size_batches(read_images(pending, workers), params.batch_size):
         tensor = torch.stack([augment.to_tensor(image) for _, image in batch]).to(device)
-        logits, stride4, full = multiscale_cams(model, tensor, params.scales)
+        wanted = [np.flatnonzero(np.isin(known, record.labels)) for record, _ in batch]
+        logits, stride4, full = labelled_cams(model, tensor, params.scales, [torch.from_numpy(w) for w in wanted])
         scores = torch.sigmoid(logits).cpu().numpy()
-        stride4, full = stride4.cpu().numpy(), full.cpu().numpy()
         for row, (record, _) in enumerate(batch):
-            wanted = np.isin(known, record.labels)
             cams = ImageCams(
-                class_ids=known[wanted],
-                stride4=normalise(stride4[row][wanted], params.normalize),
-                full=normalise(full[row][wanted], params.normalize),
+                class_ids=known[wanted[row]],
+                stride4=normalise(stride4[row].cpu().numpy(), params.normalize),
+                full=normalise(full[row].cpu().numpy(), params.normalize),
                 scores=scores[row],
                 score_class_ids=known,
                 confidence=confidence_score(scores[row], known, np.array(record.labels)),
             )
-            save_cams(cam_path(out_dir, record), cams)
-            summaries[record.id] = CamSummary(record.id, cams.class_ids.tolist(), cams.confidence)
+            number = shard_of[record.id]
+            summary = {"id": record.id, "labels": cams.class_ids.tolist(), "confidence": cams.confidence}
+            done[number][record.id] = (cams_arrays(cams), summary)
+            if len(done[number]) == len(ranges[number]):  # the shard is complete: write it, free it
+                ids = [manifest.records[i].id for i in ranges[number]]
+                write_shard(out_dir / shard_name(number), [(i, done[number][i][0]) for i in ids],
+                            {"summaries": [done[number][i][1] for i in ids]})
+                del done[number]
         progress.update(len(batch))
-
-    for record in manifest.records:
-        image = read_image(manifest.image_path(record))
-        pending = by_size[image.shape[:2]]
-        pending.append((record, image))
-        if len(pending) == params.batch_size:
-            flush(pending)
-            pending.clear()
-    for pending in by_size.values():
-        if pending:
-            flush(pending)
     progress.close()
-    return [summaries[record.id] for record in manifest.records]
+    if shards is None:
+        write_index(out_dir)
+    return [CamSummary(**summary) for n in numbers for summary in read_meta(out_dir / shard_name(n))["summaries"]]
 
 
 @dataclass(frozen=True)
@@ -90,29 +152,29 @@ class CamEvaluation:
 
 
 def evaluate_cams(manifest: Manifest, cams_dir: Path, cam_params: CamParams, crf_params: CrfParams,
-                  num_examples: int = 0) -> CamEvaluation:
-    """Confusion matrices of CAM and CAM+CRF label maps against the masks of ``manifest``."""
+                  num_examples: int = 0, workers: int = 0, chunk: int = 64) -> CamEvaluation:
+    """Confusion matrices of CAM and CAM+CRF label maps against the masks of ``manifest``, streamed:
+    the CRF refines a chunk of images at a time (:func:`wsss.crf.crf_refined`)."""
     num_classes = manifest.num_classes
     cam_matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     crf_matrix = np.zeros_like(cam_matrix)
-    tasks, truths, examples = [], {}, []
-    for record in tqdm(manifest.records, desc="evaluate CAMs", unit="img"):
-        mask_path = manifest.mask_path(record)
-        if mask_path is None:
-            continue
-        image = read_image(manifest.image_path(record))
-        truth = read_mask(mask_path)
-        cams = load_cams(cam_path(cams_dir, record), expected_size=image.shape[:2])
-        predicted = label_map(cams.full, cams.class_ids, cam_params.eval_threshold)
-        cam_matrix += confusion_matrix(truth, predicted, num_classes)
-        truths[record.id] = truth
-        tasks.append(CrfTask(record.id, image, predicted))
-        if len(examples) < num_examples:
-            heat = cams.full.max(axis=0) if len(cams.class_ids) else np.zeros(image.shape[:2])
-            examples.append({"id": record.id, "image": image, "heat": heat, "cam": predicted, "truth": truth})
-    refined_examples = {example["id"]: example for example in examples}
-    for name, refined in crf_many(tasks, crf_params):
-        crf_matrix += confusion_matrix(truths[name], refined, num_classes)
-        if name in refined_examples:
-            refined_examples[name]["crf"] = refined
+    examples: list[dict] = []
+    masked = manifest.derive([r for r in manifest.records if r.mask is not None])
+    store = CamStore(cams_dir)
+
+    def label_maps() -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+        for record, image in tqdm(read_images(masked, workers), total=len(masked.records), desc="evaluate CAMs", unit="img"):
+            truth = read_mask(masked.mask_path(record))
+            cams = store.load(record.id, expected_size=image.shape[:2])
+            predicted = label_map(cams.full, cams.class_ids, cam_params.eval_threshold)
+            cam_matrix[...] += confusion_matrix(truth, predicted, num_classes)
+            if len(examples) < num_examples:
+                heat = cams.full.max(axis=0) if len(cams.class_ids) else np.zeros(image.shape[:2])
+                examples.append({"id": record.id, "image": image, "heat": heat, "cam": predicted, "truth": truth})
+            yield record.id, image, truth, predicted
+
+    for position, (truth, refined) in enumerate(crf_refined(label_maps(), crf_params, chunk)):
+        crf_matrix += confusion_matrix(truth, refined, num_classes)
+        if position < len(examples):
+            examples[position]["crf"] = refined
     return CamEvaluation(cam_matrix, crf_matrix, examples)

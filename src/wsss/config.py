@@ -427,6 +427,10 @@ class ComputeParams(_Group):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # training forward passes; fp16 needs CUDA
     batchnorm: Literal["local", "sync"] = "local"  # several processes: per-process statistics or SyncBatchNorm (CUDA)
+    workers: int = Field(0, ge=0)  # loader processes that read images ahead in the inference stages (cams, evaluation)
+    eval_batch_size: int = Field(16, ge=1)  # images per forward pass when a segmenter is scored (evaluate, oracle, cells)
+    chunk_size: int = Field(64, ge=1)  # images held together by the random walk, IR labels and each dense-CRF pool
+    shard_size: int = Field(128, ge=1)  # images per file of the CAM outputs (wsss.shards); readers follow any size
 
     @model_validator(mode="after")
     def _known_launcher(self) -> ComputeParams:

@@ -84,3 +84,23 @@ def crf_many(tasks: Iterable[CrfTask], params: CrfParams, chunksize: int = 16) -
             yield from collect(pool.map(_run, tasks, [params] * len(tasks), chunksize=chunksize))
     if failures:
         raise CrfError(f"dense CRF failed on {len(failures)} image(s): " + "; ".join(failures))
+
+
+def crf_refined(items: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]], crf: CrfParams,
+                chunk: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(mask, prediction refined by the dense CRF on its image)`` of each ``(name, image, mask,
+    prediction)``, in order; a chunk of images at a time is held in memory (and spread over the
+    CRF's processes). A failure names the image."""
+    def refine(batch):
+        tasks = [CrfTask(name, image, prediction) for name, image, _, prediction in batch]
+        refined = crf_many(tasks, crf)
+        return [(mask, labels) for (_, _, mask, _), (_, labels) in zip(batch, refined, strict=True)]
+
+    batch: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == chunk:
+            yield from refine(batch)
+            batch = []
+    if batch:
+        yield from refine(batch)

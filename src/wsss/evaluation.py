@@ -5,13 +5,13 @@ the dense CRF (DeepLab's post-processing), from streamed confusion matrices (bac
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from wsss.config import CrfParams, Params
-from wsss.crf import CrfTask, crf_many
+from wsss.crf import crf_refined
 from wsss.data.manifest import Manifest
 from wsss.errors import DataError
 from wsss.metrics import confusion_matrix, predicted_instead, segmentation_scores
@@ -54,28 +54,8 @@ def mode_suffix(mode: str) -> str:
     return "" if mode == "plain" else f" + {MODE_NAMES[mode]}"
 
 
-def crf_refined(items: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]], crf: CrfParams,
-                chunk: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(mask, prediction refined by the dense CRF on its image)`` of each ``(name, image, mask,
-    prediction)``, in order; a chunk of images at a time is held in memory (and spread over the
-    CRF's processes). A failure names the image."""
-    def refine(batch):
-        tasks = [CrfTask(name, image, prediction) for name, image, _, prediction in batch]
-        refined = crf_many(tasks, crf)
-        return [(mask, labels) for (_, _, mask, _), (_, labels) in zip(batch, refined, strict=True)]
-
-    batch: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == chunk:
-            yield from refine(batch)
-            batch = []
-    if batch:
-        yield from refine(batch)
-
-
 def evaluate_model(model, manifests: dict[str, Manifest], tta_scales: list[float], crf: CrfParams | None = None,
-                   batch_size: int = 16, keep: int = 0) -> tuple[dict, dict[str, np.ndarray], list[np.ndarray]]:
+                   batch_size: int = 16, keep: int = 0, chunk: int = 64) -> tuple[dict, dict[str, np.ndarray], list[np.ndarray]]:
     """Scores of ``model`` on each split: ``plain``, ``tta`` and, with ``crf``, ``tta_crf`` (the TTA
     prediction refined by the dense CRF on the image, DeepLab's post-processing); the final mode's
     confusion matrices; its predictions of the first ``keep`` val images (for pictures)."""
@@ -105,7 +85,7 @@ def evaluate_model(model, manifests: dict[str, Manifest], tta_scales: list[float
             for _ in scored_tta():
                 pass
         else:  # streamed: the CRF refines the TTA predictions a chunk at a time
-            for mask, prediction in crf_refined(scored_tta(), crf):
+            for mask, prediction in crf_refined(scored_tta(), crf, chunk):
                 add("tta_crf", mask, prediction)
         metrics[split] = {mode: scores_dict(matrix, manifest) for mode, matrix in split_matrices.items()}
         matrices[split] = split_matrices[final]

@@ -159,9 +159,28 @@ def ensure_inside(root: Path, path: Path, *, listed_in: Path | str) -> Path:
     return resolved
 
 
+def file_md5(path: Path) -> str:
+    """MD5 of a file's bytes: DVC's hash of a file."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "md5").hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as stream:
         return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def dvc_md5(path: Path) -> str:
+    """DVC's hash of a file (its MD5) or folder (the MD5 of the sorted JSON listing of each file's
+    ``md5`` and ``relpath``, plus ``.dir``): the value ``dvc.lock`` records for the same content."""
+    path = Path(path)
+    if path.is_file():
+        return file_md5(path)
+    if not path.is_dir():
+        raise DataError(path, "input not found")
+    entries = sorted(({"md5": file_md5(file), "relpath": file.relative_to(path).as_posix()}
+                      for file in path.rglob("*") if file.is_file()), key=lambda entry: entry["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
 def content_hash(path: Path) -> str:

@@ -5,8 +5,9 @@ Affinity between grid pixels i and j within ``radius``: ``a_ij = 1 - max boundar
 with each column divided by its sum. The foreground CAMs times ``(1 - boundary)`` are row
 vectors ``x`` (one per class) propagated ``2 ** exp_times`` steps: ``x <- x T``. irn computes
 ``T^(2^exp_times)`` densely by repeated squaring (N x N, ~1 GB per 128 x 128 grid); here each
-step is one sparse product (scipy CSR) with ~``2K + 1`` non-zeros per column (69 for radius 5),
-and many images walk together as one block-diagonal matrix.
+step is one sparse product with ~``2K + 1`` non-zeros per column (69 for radius 5), and many
+images walk together as one block-diagonal matrix: scipy CSR when the maps are on the CPU, torch's
+sparse CSR on the maps' device otherwise (a GPU walks where IRNet ran; ``backend`` picks one).
 
 Pseudo masks: the walked maps are upsampled x4 (bilinear, cropped to the image), then
 (``irnet.background``):
@@ -20,6 +21,8 @@ Pseudo masks: the walked maps are upsampled x4 (bilinear, cropped to the image),
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import scipy.sparse
@@ -53,39 +56,72 @@ def transition_entries(boundary: torch.Tensor, radius: int, beta: float) -> tupl
     return cols, rows, vals / column_sums[cols]
 
 
-def transition_matrix(boundaries: list[torch.Tensor], radius: int, beta: float) -> scipy.sparse.csr_matrix:
-    """Block-diagonal sparse ``T^T`` (scipy CSR) of one or more boundary maps."""
+def _block_entries(boundaries: list[torch.Tensor], radius: int, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     rows, cols, values, offset = [], [], [], 0
     for boundary in boundaries:
         r, c, v = transition_entries(boundary, radius, beta)
-        rows.append(r.cpu().numpy() + offset)
-        cols.append(c.cpu().numpy() + offset)
-        values.append(v.cpu().numpy())
+        rows.append(r + offset)
+        cols.append(c + offset)
+        values.append(v)
         offset += boundary.numel()
-    return scipy.sparse.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))), shape=(offset, offset))
+    return torch.cat(rows), torch.cat(cols), torch.cat(values), offset
 
 
-def propagate_many(cams: list[torch.Tensor], boundaries: list[torch.Tensor], radius: int, beta: float, exp_times: int) -> list[torch.Tensor]:
+def transition_matrix(boundaries: list[torch.Tensor], radius: int, beta: float) -> scipy.sparse.csr_matrix:
+    """Block-diagonal sparse ``T^T`` (scipy CSR) of one or more boundary maps."""
+    rows, cols, values, size = _block_entries(boundaries, radius, beta)
+    return scipy.sparse.csr_matrix((values.cpu().numpy(), (rows.cpu().numpy(), cols.cpu().numpy())), shape=(size, size))
+
+
+def transition_tensor(boundaries: list[torch.Tensor], radius: int, beta: float) -> torch.Tensor:
+    """The same block-diagonal ``T^T`` as a torch sparse CSR tensor on the boundaries' device."""
+    rows, cols, values, size = _block_entries(boundaries, radius, beta)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long-standing
+        warnings.simplefilter("ignore", UserWarning)
+        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (size, size), check_invariants=False)
+        return coo.coalesce().to_sparse_csr()
+
+
+BACKENDS = ("auto", "scipy", "torch")
+
+
+def propagate_many(cams: list[torch.Tensor], boundaries: list[torch.Tensor], radius: int, beta: float, exp_times: int,
+                   backend: str = "auto") -> list[torch.Tensor]:
     """Walk several images at once: one block-diagonal sparse matrix, one product per step.
 
-    ``cams[b]`` is ``[C_b, h_b, w_b]`` (any number of classes), ``boundaries[b]`` ``[h_b, w_b]``."""
+    ``cams[b]`` is ``[C_b, h_b, w_b]`` (any number of classes), ``boundaries[b]`` ``[h_b, w_b]``, all on
+    one device. ``backend``: ``scipy`` (CPU), ``torch`` (sparse CSR on the maps' device) or ``auto``
+    (scipy on the CPU, torch elsewhere). The results are on the device of ``cams``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown random-walk backend {backend!r}; expected one of {BACKENDS}")
     width_of_state = max((c.shape[0] for c in cams), default=0)
     if width_of_state == 0:
         return [cam.clone() for cam in cams]
-    dtype = boundaries[0].dtype
+    device = boundaries[0].device
+    dtype = torch.float64 if boundaries[0].dtype == torch.float64 else torch.float32
+    boundaries = [boundary.to(dtype) for boundary in boundaries]
+    use_torch = backend == "torch" or (backend == "auto" and device.type != "cpu")
     states, starts, offset = [], [], 0
     for cam, boundary in zip(cams, boundaries, strict=True):
-        state = np.zeros((boundary.numel(), width_of_state), dtype=np.float64 if dtype == torch.float64 else np.float32)
+        state = torch.zeros(boundary.numel(), width_of_state, dtype=boundary.dtype, device=device)
         if cam.shape[0]:
-            state[:, : cam.shape[0]] = (cam * (1.0 - boundary)[None]).reshape(cam.shape[0], -1).T.cpu().numpy()
+            state[:, : cam.shape[0]] = (cam * (1.0 - boundary)[None]).reshape(cam.shape[0], -1).T
         states.append(state)
         starts.append(offset)
         offset += boundary.numel()
-    matrix = transition_matrix(boundaries, radius, beta).astype(states[0].dtype)
-    state = np.concatenate(states)
-    for _ in range(2**exp_times):
-        state = matrix @ state
-    walked = torch.from_numpy(state)
+    state = torch.cat(states)
+    if use_torch:
+        matrix = transition_tensor(boundaries, radius, beta)
+        for _ in range(2**exp_times):
+            state = matrix @ state
+        walked = state
+    else:
+        matrix = transition_matrix(boundaries, radius, beta)
+        values = state.cpu().numpy()
+        matrix = matrix.astype(values.dtype)
+        for _ in range(2**exp_times):
+            values = matrix @ values
+        walked = torch.from_numpy(values)
     return [walked[start : start + b.numel(), : c.shape[0]].T.reshape(c.shape).to(c.device)
             for start, c, b in zip(starts, cams, boundaries, strict=True)]
 
@@ -145,11 +181,11 @@ def pseudo_mask(walked: torch.Tensor, class_ids: np.ndarray, image_size: tuple[i
     up = F.interpolate(walked[None], scale_factor=upsample, mode="bilinear", align_corners=False)[0, :, :height, :width]
     if background == "plane":
         up = up / (up.max() + 1e-5)
-        scores = torch.cat([torch.full((1, height, width), threshold, dtype=up.dtype), up])
+        scores = torch.cat([torch.full((1, height, width), threshold, dtype=up.dtype, device=up.device), up])
     else:
         if up.shape[0] != len(class_ids) + 1:
             raise ValueError(f"a walked background needs {len(class_ids) + 1} maps, got {up.shape[0]}")
         scores = up / (up.flatten(1).amax(dim=1)[:, None, None] + 1e-5)
         scores[0] *= bg_weight
     lookup = np.concatenate([[0], class_ids]).astype(np.uint8)
-    return lookup[scores.argmax(dim=0).numpy()]
+    return lookup[scores.argmax(dim=0).cpu().numpy()]

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wsss import checkpoint, provenance, tracking
-from wsss.cam import load_cams
+from wsss import checkpoint, distributed, provenance, tracking
+from wsss.cam import CamStore
 from wsss.config import Params, flatten, sweep_space_problems
 from wsss.crf import CrfTask, crf_many
 from wsss.data.manifest import load_manifest
@@ -53,10 +53,10 @@ from wsss.io import read_image, read_json, read_mask, write_json, write_mask_png
 from wsss.ir_labels import IrInput, ir_labels_many
 from wsss.irnet import IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
+from wsss.irnet_inference import load_irnet, masks_from_walk, pseudo_masks, walk_chunk
 from wsss.stages.paths import CAMS_DIR, CLASSIFIER_PATH, INDEX_FILE, SPLITS_DIR
 from wsss.stages.ir_labels import confident_ids
 from wsss.stages.irnet import TRAIN_KEYS
-from wsss.stages.pseudo_masks import load_irnet, masks_from_walk, pseudo_masks, walk_chunk
 
 SWEEPS_DIR = Path("sweeps")
 CACHE_DIR = SWEEPS_DIR / "cache"
@@ -67,7 +67,6 @@ LOCK_PATH = SWEEPS_DIR / ".ask.lock"
 PARENT_ATTR = "mlflow_parent_run_id"
 CHILD_ATTR = "mlflow_run_id"
 PRUNE_CHUNKS = 4  # intermediate values per trial of the pseudo_masks objective
-WALK_BATCH = 64
 WALKS_KEPT = 8  # IRNets whose val walk stays in memory (a few MB each on the default data)
 
 
@@ -190,6 +189,7 @@ class TrialEvaluator:
         self.index = read_json(self.root / CAMS_DIR / INDEX_FILE)
         self.num_classes = self.val_manifest.num_classes
         self.cache = self.root / CACHE_DIR
+        self.device = distributed.current().device
         self.irnet_trainings = 0  # IRNets trained (not loaded from the cache) by this evaluator
         self._walked: dict[str, list[torch.Tensor]] = {}
         self._val: list[_Item] | None = None
@@ -204,11 +204,12 @@ class TrialEvaluator:
         if self._val is None:
             manifest = self.val_manifest
             self._val = []
+            store = CamStore(self.root / CAMS_DIR / "val")
             for record in manifest.records:
                 if record.mask is None:
                     continue
                 image = read_image(manifest.image_path(record))
-                cams = load_cams(self.root / CAMS_DIR / "val" / f"{record.id}.npz", expected_size=image.shape[:2])
+                cams = store.load(record.id, expected_size=image.shape[:2])
                 self._val.append(_Item(record.id, image, cams, read_mask(manifest.mask_path(record))))
             if not self._val:
                 raise WsssError(f"{self.root / SPLITS_DIR / 'val.json'}: no val image has a mask to score a trial on")
@@ -220,11 +221,12 @@ class TrialEvaluator:
         if missing:
             self.labels_dir.mkdir(parents=True, exist_ok=True)
             records = {r.id: r for r in self.train.records}
+            store = CamStore(self.root / CAMS_DIR / "train")
             for start in range(0, len(missing), 256):
                 items = []
                 for image_id in missing[start : start + 256]:
                     image = read_image(self.train.image_path(records[image_id]))
-                    cams = load_cams(self.root / CAMS_DIR / "train" / f"{image_id}.npz", expected_size=image.shape[:2])
+                    cams = store.load(image_id, expected_size=image.shape[:2])
                     items.append(IrInput(image_id, image, cams.full, cams.class_ids))
                 for image_id, labels in ir_labels_many(items, self.params.irnet.conf_fg, self.params.irnet.conf_bg, self.params.crf).items():
                     write_mask_png(self.labels_dir / f"{image_id}.png", labels)  # atomic: a kill leaves no half file
@@ -248,7 +250,7 @@ class TrialEvaluator:
             checkpoint.save(model_path, {"model": model.state_dict(), "backbone": params.irnet.backbone,
                                          "backbone_weights": params.irnet.backbone_weights})
             self.irnet_trainings += 1
-        return key, load_irnet(params, self.root, model_path)
+        return key, load_irnet(params, model_path, self.root / CLASSIFIER_PATH, self.device)
 
     def walked_val(self, key: str, model, params: Params) -> list[torch.Tensor]:
         """The random walk on the val images with IRNet ``key`` (kept in memory: the walk's last
@@ -257,8 +259,9 @@ class TrialEvaluator:
             images = self.val_images()
             walked: list[torch.Tensor] = []
             with torch.no_grad():
-                for start in range(0, len(images), WALK_BATCH):
-                    chunk = images[start : start + WALK_BATCH]
+                size = params.compute.chunk_size
+                for start in range(0, len(images), size):
+                    chunk = images[start : start + size]
                     walked += walk_chunk(model, [v.image for v in chunk], [v.cams for v in chunk], params.irnet)
             self._walked[key] = walked
             while len(self._walked) > WALKS_KEPT:  # the oldest goes: memory stays bounded
@@ -387,6 +390,7 @@ def run_worker(params: Params, root: Path, name: str, url: str, parent_id: str, 
               else optuna.pruners.NopPruner())
     study = optuna.load_study(study_name=name, storage=open_storage(url), sampler=sampler, pruner=pruner)
     client, experiment_id = _client(params, root)
+    distributed.init(params.compute)  # compute.device: IRNet, the walk and the segmenter run there
     evaluator = TrialEvaluator(params, root)
     started, ran = time.monotonic(), 0
     states = _states()

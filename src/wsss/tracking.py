@@ -5,7 +5,8 @@ The store is ``sqlite:///<project root>/mlruns/mlflow.db`` with artifacts under
 folder); the environment variable ``MLFLOW_TRACKING_URI`` overrides it (another SQLite file keeps
 its artifacts beside it; a tracking server with PostgreSQL decides where its artifacts go).
 Each run carries the tags ``wsss.stage``, ``wsss.git_commit``, ``wsss.git_dirty`` and
-``wsss.input.<name>`` (SHA-256 of each input file or folder), how it ran (``wsss.processes``,
+``wsss.input.<name>`` (DVC's MD5 of each input file or folder, the value ``dvc.lock`` records;
+taken from the lock where it still describes the files, see :func:`input_hashes`), how it ran (``wsss.processes``,
 ``wsss.device``, ``wsss.precision``, ``wsss.batchnorm``), plus the stage's flattened params.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from wsss.io import content_hash
+from wsss.io import dvc_md5
 
 STORE_DIR = "mlruns"
 ROOT_ENV = "WSSS_PROJECT_ROOT"
@@ -83,9 +84,74 @@ def git_state(root: Path) -> tuple[str, bool | None]:
     return commit, bool(status.strip())
 
 
+def _repo_root(path: Path) -> Path | None:
+    for folder in (path, *path.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+_LOCKS: dict[tuple[str, int], dict[Path, dict]] = {}
+
+
+def locked_outputs(repo: Path) -> dict[Path, dict]:
+    """The outputs that the repo's ``dvc.lock`` files record (main and ``pipelines/*``): absolute path
+    -> ``{md5, size, nfiles}``, each with the mtime of its lock file (``lock_mtime``)."""
+    found: dict[Path, dict] = {}
+    for lock in [repo / "dvc.lock", *sorted((repo / "pipelines").glob("*/dvc.lock"))]:
+        try:
+            mtime = lock.stat().st_mtime_ns
+        except FileNotFoundError:
+            continue
+        key = (str(lock), mtime)
+        if key not in _LOCKS:
+            import yaml
+
+            entries: dict[Path, dict] = {}
+            try:
+                stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+            except (OSError, yaml.YAMLError):
+                stages = {}
+            for stage in stages.values() if isinstance(stages, dict) else ():
+                for out in stage.get("outs", []) if isinstance(stage, dict) else ():
+                    if isinstance(out, dict) and out.get("hash") == "md5" and "md5" in out and "path" in out:
+                        path = Path(os.path.normpath(lock.parent / out["path"]))
+                        entries[path] = {**out, "lock_mtime": mtime}
+            _LOCKS[key] = entries
+        found.update(_LOCKS[key])
+    return found
+
+
+def _still_locked(path: Path, entry: dict) -> bool:
+    """Whether ``path`` still looks like what the lock recorded: same size and file count, and nothing
+    in it modified after the lock was written (the check DVC's own state makes, by stat, no reading)."""
+    try:
+        if path.is_file():
+            stat = path.stat()
+            return stat.st_size == entry.get("size") and stat.st_mtime_ns <= entry["lock_mtime"]
+        count = size = 0
+        for folder, _, names in os.walk(path):
+            for name in names:
+                stat = os.stat(os.path.join(folder, name))
+                if stat.st_mtime_ns > entry["lock_mtime"]:
+                    return False
+                count, size = count + 1, size + stat.st_size
+        return count == entry.get("nfiles") and size == entry.get("size")
+    except OSError:
+        return False
+
+
 def input_hashes(inputs: Mapping[str, Path]) -> dict[str, str]:
-    """SHA-256 content hash of each named input file or folder."""
-    return {name: content_hash(Path(path)) for name, path in inputs.items()}
+    """DVC's MD5 of each named input file or folder: read from ``dvc.lock`` where the lock records it
+    and the files still match it by size, count and modification time (a stage's inputs at LID scale
+    are not read again), else computed the same way (:func:`wsss.io.dvc_md5`)."""
+    hashes = {}
+    for name, path in inputs.items():
+        path = Path(os.path.abspath(path))
+        repo = _repo_root(path)
+        entry = locked_outputs(repo).get(path) if repo is not None else None
+        hashes[name] = entry["md5"] if entry is not None and _still_locked(path, entry) else dvc_md5(path)
+    return hashes
 
 
 def lineage_tags(stage: str, hashes: Mapping[str, str], root: Path) -> dict[str, str]:

@@ -1,7 +1,11 @@
-"""``prepare``: materialise the chosen source into ``data/prepared/`` (images, masks, manifest).
+"""``prepare``: the chosen source as ``data/prepared/manifest.json`` (and, for the embedded source,
+the images and masks it generates).
 
-Every image is decoded completely and every mask checked (same size as its image, values class
-ids or 255) before anything is written; the folder appears only when all of it is valid
+A VOC or LID tree is not copied: the manifest's records point into ``data.root`` (paths relative to
+it, checked to stay inside) and record each file's MD5 (``provenance.image_md5`` / ``mask_md5``), so
+the pipeline's lineage follows the files without a second copy of the dataset for DVC to hash and
+cache. Every image is decoded completely and every mask checked (same size as its image, values
+class ids or 255) before the manifest is written; it appears only when all of it is valid
 (:func:`wsss.io.atomic_dir`). Training images' person labels are then removed with probability
 ``data.person_label_drop``: the missing-label noise of LID (set 0 for real LID data).
 """
@@ -9,7 +13,6 @@ ids or 255) before anything is written; the folder appears only when all of it i
 from __future__ import annotations
 
 import os
-import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -24,7 +27,7 @@ from wsss.data.fashion_mnist import SUBSET_FILE, load_pools
 from wsss.data.manifest import ImageRecord, Manifest, save_manifest
 from wsss.data.sources import SourceItem, SourceListing, read_lid, read_voc
 from wsss.errors import ConfigError, DataError
-from wsss.io import IGNORE_INDEX, atomic_dir, read_image, read_mask, write_image_png, write_mask_png
+from wsss.io import IGNORE_INDEX, atomic_dir, ensure_inside, file_md5, read_image, read_mask, write_image_png, write_mask_png
 
 MANIFEST_NAME = "manifest.json"
 _NOISE_STREAM = 7
@@ -86,25 +89,25 @@ def _prepare_embedded(params: Params, root: Path, staging: Path) -> tuple[tuple[
     return class_names, records
 
 
-def _materialise(item: SourceItem, staging: Path, num_classes: int) -> ImageRecord:
-    """Verify one source image (and mask), copy it into ``staging``; return its record."""
+def _checked_record(item: SourceItem, root: Path, num_classes: int) -> ImageRecord:
+    """Verify one source image (and mask) in place; return its record, paths relative to ``root``."""
     image = read_image(item.image)
-    image_name = f"images/{item.id}{item.image.suffix.lower()}"
-    shutil.copyfile(item.image, staging / image_name)
+    image_name = ensure_inside(root, item.image, listed_in=item.image).relative_to(root).as_posix()
+    provenance = {**item.provenance, "image_md5": file_md5(item.image)}
     mask_name, mask_labels = None, None
     if item.mask is not None:
         mask = read_mask(item.mask)
         check_mask(mask, image.shape[:2], num_classes, item.mask)
-        mask_name = f"masks/{item.id}.png"
-        write_mask_png(staging / mask_name, mask)
+        mask_name = ensure_inside(root, item.mask, listed_in=item.mask).relative_to(root).as_posix()
         mask_labels = labels_in_mask(mask)
+        provenance["mask_md5"] = file_md5(item.mask)
     labels = item.labels if item.labels is not None else mask_labels
     if not labels:
         raise DataError(item.mask or item.image, "image has no label (no class given and none in its mask)")
-    return ImageRecord(item.id, item.subset, image_name, mask_name, labels, labels, mask_labels, item.provenance)
+    return ImageRecord(item.id, item.subset, image_name, mask_name, labels, labels, mask_labels, provenance)
 
 
-def _prepare_files(listing: SourceListing, staging: Path, workers: int, chunk: int = 256) -> list[ImageRecord]:
+def _prepare_files(listing: SourceListing, root: Path, workers: int, chunk: int = 256) -> list[ImageRecord]:
     duplicates = [image_id for image_id, n in Counter(item.id for item in listing.items).items() if n > 1]
     if duplicates:
         first = next(item for item in listing.items if item.id == duplicates[0])
@@ -114,28 +117,30 @@ def _prepare_files(listing: SourceListing, staging: Path, workers: int, chunk: i
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(listing.items), desc="prepare", unit="img") as progress:
         for start in range(0, len(listing.items), chunk):
             batch = listing.items[start : start + chunk]
-            records.extend(pool.map(lambda item: _materialise(item, staging, len(listing.class_names)), batch))
+            records.extend(pool.map(lambda item: _checked_record(item, root, len(listing.class_names)), batch))
             progress.update(len(batch))
     return records
 
 
 def prepare_dataset(params: Params, root: Path, out_dir: Path, workers: int | None = None) -> Manifest:
-    """Build ``out_dir`` (images/, masks/, manifest.json) from ``params.data``; all or nothing."""
+    """Build ``out_dir`` from ``params.data``: ``manifest.json`` pointing into ``root`` for a VOC or
+    LID tree; images/, masks/ and the manifest for the embedded source. All or nothing."""
     data = params.data
-    root = Path(root)
+    root = Path(root).resolve()
     with atomic_dir(Path(out_dir)) as staging:
-        (staging / "images").mkdir()
-        (staging / "masks").mkdir()
         if data.source == "embedded":
+            (staging / "images").mkdir()
+            (staging / "masks").mkdir()
             class_names, records = _prepare_embedded(params, root, staging)
+            images_root, final_root = staging, Path(out_dir).resolve()
         else:
             listing = read_voc(root, data.voc) if data.source == "voc" else read_lid(root, data.lid)
-            _person_id(listing.class_names, data)  # fail before copying anything
+            _person_id(listing.class_names, data)  # fail before reading every file
             class_names = listing.class_names
-            records = _prepare_files(listing, staging, workers or os.cpu_count() or 1)
+            records = _prepare_files(listing, root, workers or os.cpu_count() or 1)
+            images_root = final_root = root
         person = _person_id(class_names, data)
         if person is not None:
             records = drop_person_labels_randomly(records, person, data.person_label_drop, params.seed)
-        manifest = Manifest(data.source, class_names, person, tuple(records), staging)
-        save_manifest(manifest, staging / MANIFEST_NAME)
-    return Manifest(data.source, class_names, person, tuple(records), Path(out_dir).resolve())
+        save_manifest(Manifest(data.source, class_names, person, tuple(records), images_root), staging / MANIFEST_NAME)
+    return Manifest(data.source, class_names, person, tuple(records), final_root)

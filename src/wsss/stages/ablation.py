@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from wsss import tracking
+from wsss import distributed, tracking
 from wsss.config import Params, flatten
 from wsss.errors import ConfigError
 from wsss.io import atomic_dir, write_json
 from wsss.stages.common import background_knob, load_splits
-from wsss.stages.pseudo_masks import load_irnet, pseudo_mask_metrics, write_pseudo_masks
-from wsss.stages.paths import CAMS_DIR, IRNET_PATH, SPLITS_DIR
+from wsss.irnet_inference import load_irnet
+from wsss.stages.pseudo_masks import pseudo_mask_metrics, write_pseudo_masks
+from wsss.stages.paths import CAMS_DIR, CLASSIFIER_PATH, IRNET_PATH, SPLITS_DIR
 
 
 def with_threshold(params: Params, threshold: float) -> Params:
@@ -36,7 +37,7 @@ def run_ablation_masks(params: Params, root: Path, threshold: float, out_dir: Pa
     params = with_threshold(params, threshold)
     manifests = load_splits(root)
     hashes = tracking.input_hashes({"irnet": root / IRNET_PATH, "cams": root / CAMS_DIR, "splits": root / SPLITS_DIR})
-    model = load_irnet(params, root, root / IRNET_PATH)
+    model = load_irnet(params, root / IRNET_PATH, root / CLASSIFIER_PATH, distributed.current().device)
     torch.set_num_threads(os.cpu_count() or 1)
     logged = {"ablation.threshold": threshold, **flatten(params.irnet.model_dump(), "irnet.")}
     with tracking.stage_run("ablation_masks", params.tracking.experiment, logged, root=root, hashes=hashes):

@@ -68,7 +68,7 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
                                     [val.mask_path(r) for r in val_records], checkpoint_dir, run_fingerprint, encoder_weights,
                                     run.info.run_id, desc=f"cell {name}")
         save_segmenter(root / model_dir / "model.pt", model, spec, extra={"trained_on": str(masks_dir), "best_epoch": result.best_epoch})
-        scores, _, _ = evaluate_model(model, {"val": val}, params.evaluate.tta_scales)
+        scores, _, _ = evaluate_model(model, {"val": val}, params.evaluate.tta_scales, batch_size=params.compute.eval_batch_size)
         train_run_id = run.info.run_id
         mlflow.log_metrics({"best_val_miou": result.best_miou, "val_plain_miou": scores["val"]["plain"]["miou"],
                             "val_tta_miou": scores["val"]["tta"]["miou"]})

@@ -1,6 +1,7 @@
 """The ``cams`` stage: CAMs of train and val, and the step-1 evaluation on val.
 
-Outputs: ``cams/{train,val}/<id>.npz`` and ``cams/index.json`` (per image: classes with a map and
+Outputs: ``cams/{train,val}/shard-*.npz`` + ``shards.json`` (:mod:`wsss.shards`: 128 images a file; a
+killed run resumes from its last complete shard) and ``cams/index.json`` (per image: classes with a map and
 confidence), ``metrics/cams.json`` (mIoU of CAM and CAM+CRF on val, per-class IoU), ``plots/cams/per_class_iou.csv`` (dvc plots). MLflow gets the same numbers, an overlay figure
 (image | CAM | CAM label map | CAM+CRF | ground truth) and a per-class IoU bar chart.
 Under torchrun each process computes and evaluates its share of the images; rank 0 logs.
@@ -13,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsss import distributed, tracking, visualize
+from wsss import checkpoint, distributed, provenance, tracking, visualize
 from wsss.cam_inference import CamEvaluation, compute_cams, evaluate_cams
 from wsss.config import Params, flatten
 from wsss.data.manifest import Manifest, load_manifest
+from wsss.figures import iou_bars
 from wsss.io import write_csv, write_json
 from wsss.metrics import segmentation_scores
 from wsss.models.classifier import load_trained_classifier
+from wsss.shards import resumable_dir, shard_numbers, write_index
 from wsss.stages.paths import CAMS_DIR, CAMS_METRICS, CLASSIFIER_PATH, INDEX_FILE, PREPARED_DIR, SPLITS_DIR
 
 PER_CLASS_PLOT = Path("plots/cams/per_class_iou.csv")
@@ -73,43 +76,42 @@ def overlay_figure(evaluation: CamEvaluation):
 
 
 def per_class_figure(metrics: dict):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(metrics["cam"]["iou"])
-    cam = [metrics["cam"]["iou"][n] or 0.0 for n in names]
-    crf = [metrics["cam_crf"]["iou"][n] or 0.0 for n in names]
-    figure, axis = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5))
-    positions = np.arange(len(names))
-    axis.barh(positions - 0.2, cam, height=0.4, label=f"CAM (mIoU {metrics['cam']['miou']:.3f})")
-    axis.barh(positions + 0.2, crf, height=0.4, label=f"CAM + CRF (mIoU {metrics['cam_crf']['miou']:.3f})")
-    axis.set_yticks(positions, names)
-    axis.invert_yaxis()
-    axis.set(xlabel="IoU on val", xlim=(0, 1))
-    axis.legend(loc="lower right")
-    figure.tight_layout()
-    return figure
+    return iou_bars([(f"CAM (mIoU {metrics['cam']['miou']:.3f})", metrics["cam"]["iou"]),
+                     (f"CAM + CRF (mIoU {metrics['cam_crf']['miou']:.3f})", metrics["cam_crf"]["iou"])],
+                    list(metrics["cam"]["iou"]), xlabel="IoU on val")
 
 
 def write_cams(model, class_ids: list[int], manifests: dict[str, Manifest], staging: Path, params: Params) -> tuple[dict, CamEvaluation]:
-    """The CAMs of every image into ``staging/<split>/`` and ``staging/index.json``, and their
-    evaluation on val; under torchrun each process handles its share and the results are merged."""
+    """The CAMs of every image into ``staging/<split>/`` (shards; those already there are kept) and
+    ``staging/index.json``, and their evaluation on val; under torchrun each process computes its
+    share of the shards and the results are merged."""
     context = distributed.current()
     index = {"class_ids": class_ids, "scales": params.cams.scales, "normalize": params.cams.normalize, "images": {}}
     for name, manifest in manifests.items():
-        share = manifest.derive(distributed.shard(manifest.records, context))
-        summaries = compute_cams(model, class_ids, share, staging / name, params.cams, context.device, desc=f"cams {name}")
+        size = params.compute.shard_size
+        mine = distributed.shard(list(range(len(shard_numbers(len(manifest.records), size)))), context)
+        summaries = compute_cams(model, class_ids, manifest, staging / name, params.cams, context.device, desc=f"cams {name}",
+                                 workers=params.compute.workers, shards=mine, shard_size=size)
         index["images"][name] = distributed.gather_json([vars(summary) for summary in summaries], context)
+    distributed.barrier(context)
     if context.is_main:
+        for name in manifests:
+            write_index(staging / name)
         write_json(staging / INDEX_FILE, index)
+    distributed.barrier(context)
     val = manifests["val"]
     evaluation = evaluate_cams(val.derive(distributed.shard(val.records, context)), staging / "val", params.cams, params.crf,
-                               params.cams.num_overlays if context.is_main else 0)
+                               params.cams.num_overlays if context.is_main else 0, params.compute.workers,
+                               params.compute.chunk_size)
     merged = CamEvaluation(distributed.all_reduce_sum(evaluation.cam_matrix, context),
                            distributed.all_reduce_sum(evaluation.crf_matrix, context), evaluation.examples)
     return index, merged
+
+
+def output_fingerprint(params: Params, hashes: dict) -> str:
+    """What the CAM shards are made from: a partial output with another fingerprint is started afresh."""
+    return checkpoint.fingerprint(params.cams.model_dump(), hashes, provenance.code_digest(__name__), distributed.current().device.type,
+                                 params.compute.shard_size)
 
 
 def run_cams(params: Params, root: Path) -> dict | None:
@@ -120,13 +122,13 @@ def run_cams(params: Params, root: Path) -> dict | None:
     context = distributed.current()
     torch.set_num_threads(context.cpu_threads())
     if not context.is_main:  # a torchrun process but rank 0: its share of the CAMs, nothing logged
-        with distributed.shared_atomic_dir(root / CAMS_DIR, context) as staging:
+        with resumable_dir(root / CAMS_DIR, "", context) as staging:  # rank 0 checks the fingerprint
             write_cams(model, state["class_ids"], manifests, staging, params)
         return None
     hashes = tracking.input_hashes({"model": root / CLASSIFIER_PATH, "splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
 
     with tracking.stage_run("cams", params.tracking.experiment, stage_params(params), root=root, hashes=hashes):
-        with distributed.shared_atomic_dir(root / CAMS_DIR, context) as staging:
+        with resumable_dir(root / CAMS_DIR, output_fingerprint(params, hashes), context) as staging:
             index, evaluation = write_cams(model, state["class_ids"], manifests, staging, params)
 
         metrics = cams_metrics(manifests["val"], evaluation, params)

@@ -2,7 +2,8 @@
 
 Outputs (relative to the project root)::
 
-    prepare  data/prepared/{images,masks,manifest.json}   metrics/prepare.json
+    prepare  data/prepared/manifest.json (pointing into data.root; images/ and masks/ for the embedded source)
+             metrics/prepare.json
     split    data/splits/{train,val,test}.json             metrics/data.json
              plots/data/class_histogram.csv (dvc plots)    class_histogram.png (MLflow artifact)
 """
@@ -39,6 +40,14 @@ def _split_params(params: Params) -> dict:
             "data.test_fraction": data.test_fraction, **flatten(data.balance.model_dump(), "data.balance.")}
 
 
+def listing_digest(manifest: Manifest) -> str:
+    """One digest of a VOC or LID tree as the manifest lists it: every record's paths and file MD5s."""
+    import hashlib
+
+    lines = sorted(f"{r.image} {r.provenance.get('image_md5')} {r.mask} {r.provenance.get('mask_md5')}" for r in manifest.records)
+    return "md5:" + hashlib.md5("\n".join(lines).encode()).hexdigest()
+
+
 def source_root(params: Params, root: Path) -> Path:
     return (root / params.data.root).resolve()
 
@@ -72,11 +81,16 @@ def samples_figure(manifest: Manifest, count: int = 8):
 
 def run_prepare(params: Params, root: Path) -> Manifest:
     """The ``prepare`` stage."""
-    inputs = {"source": source_root(params, root)}
+    source = source_root(params, root)
+    # a VOC or LID tree is read once, by prepare_dataset, which records each file's MD5; the embedded
+    # source is one small file, hashed here
+    inputs = {"source": source} if params.data.source == "embedded" else {}
     with tracking.stage_run("prepare", params.tracking.experiment, _prepare_params(params), inputs, root):
         import mlflow
 
-        manifest = prepare_dataset(params, inputs["source"], root / PREPARED_DIR)
+        manifest = prepare_dataset(params, source, root / PREPARED_DIR)
+        if params.data.source != "embedded":
+            mlflow.set_tag("wsss.input.source", listing_digest(manifest))
         metrics = prepare_metrics(manifest)
         write_json(root / PREPARE_METRICS, metrics)
         mlflow.log_metrics({"images_train": metrics["images"]["train"], "images_heldout": metrics["images"]["heldout"], "num_classes": metrics["num_classes"]})

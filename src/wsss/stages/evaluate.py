@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from wsss import distributed, tracking, visualize
-from wsss.cam import label_map, load_cams
+from wsss.cam import CamStore, label_map
 from wsss.config import Params, flatten
 from wsss.crf import crf_labels
 from wsss.data.manifest import ImageRecord, Manifest, load_manifest
 from wsss.evaluation import MODE_NAMES, MODES, evaluate_model, final_mode, mode_suffix, post_crf
+from wsss.figures import confusion_figure, iou_bars
 from wsss.io import read_image, read_mask, write_csv, write_json
 from wsss.models.segmenter import load_segmenter
 from wsss.stages.paths import CAMS_DIR, EVALUATE_METRICS, PSEUDO_DIR, SEGMENTER_PATH, SPLITS_DIR
@@ -23,41 +24,10 @@ from wsss.stages.paths import CAMS_DIR, EVALUATE_METRICS, PSEUDO_DIR, SEGMENTER_
 EVALUATE_PLOTS = Path("plots/evaluate")
 
 
-def _confusion_figure(matrix: np.ndarray, names: tuple[str, ...], title: str):
-    import matplotlib.pyplot as plt
-
-    rows = matrix.sum(axis=1, keepdims=True)
-    normalised = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=np.float64), where=rows > 0)
-    figure, axis = plt.subplots(figsize=(1.0 + 0.7 * len(names), 0.8 + 0.6 * len(names)))
-    image = axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    axis.set_yticks(range(len(names)), names)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("ground truth")
-    axis.set_title(title)
-    for (g, p), value in np.ndenumerate(normalised):
-        axis.text(p, g, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value > 0.5 else "black")
-    figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.tight_layout()
-    return figure
-
-
 def _iou_figure(metrics: dict, names: tuple[str, ...], final: str):
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 0.4 * len(names) + 1.2))
-    positions = np.arange(len(names))
-    bars = (("val", "plain"), ("val", final), ("test", final))
-    for offset, (split, mode) in zip((-0.27, 0.0, 0.27), bars, strict=True):
-        label = split + mode_suffix(mode)
-        values = [metrics[split][mode]["iou"][n] or 0.0 for n in names]
-        axis.barh(positions + offset, values, height=0.27, label=f"{label} (mIoU {metrics[split][mode]['miou']:.3f})")
-    axis.set_yticks(positions, names)
-    axis.set_xlim(0, 1)
-    axis.set_xlabel("IoU")
-    axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    return figure
+    series = [(f"{split}{mode_suffix(mode)} (mIoU {metrics[split][mode]['miou']:.3f})", metrics[split][mode]["iou"])
+              for split, mode in (("val", "plain"), ("val", final), ("test", final))]
+    return iou_bars(series, names)
 
 
 def run_evaluate(params: Params, root: Path) -> dict:
@@ -72,7 +42,8 @@ def run_evaluate(params: Params, root: Path) -> dict:
     logged = {**flatten(params.evaluate.model_dump(), "evaluate."), **(flatten(params.crf.model_dump(), "crf.") if params.evaluate.crf else {})}
     with tracking.stage_run("evaluate", params.tracking.experiment, logged, root=root, hashes=hashes):
         metrics, matrices, predictions = evaluate_model(model, manifests, params.evaluate.tta_scales, post_crf(params),
-                                                        keep=params.evaluate.num_figures)
+                                                        batch_size=params.compute.eval_batch_size, keep=params.evaluate.num_figures,
+                                                        chunk=params.compute.chunk_size)
         metrics["tta_scales"] = params.evaluate.tta_scales
         metrics["final_mode"] = final
         modes = [mode for mode in MODES if mode in metrics["val"]]
@@ -85,7 +56,7 @@ def run_evaluate(params: Params, root: Path) -> dict:
             for n in names])
         write_csv(plots / "confusion_matrix.csv", [{"ground_truth": g, "predicted": p, "pixels": int(matrices["test"][i, j])}
                                                    for i, g in enumerate(names) for j, p in enumerate(names)])
-        figures = {"confusion_matrix.png": _confusion_figure(matrices["test"], names, f"test, {MODE_NAMES[final]}: share of each true class"),
+        figures = {"confusion_matrix.png": confusion_figure(matrices["test"], names, f"test, {MODE_NAMES[final]}: share of each true class"),
                    "per_class_iou.png": _iou_figure(metrics, names, final)}
         val = manifests["val"]
         examples = [r for r in val.records if r.mask is not None][: len(predictions)]
@@ -110,7 +81,7 @@ def _figure2(params: Params, root: Path, val: Manifest, records: list[ImageRecor
     rows = []
     for record, prediction in zip(records, predictions, strict=True):
         image = read_image(val.image_path(record))
-        cams = load_cams(root / CAMS_DIR / "val" / f"{record.id}.npz", expected_size=image.shape[:2])
+        cams = CamStore(root / CAMS_DIR / "val").load(record.id, expected_size=image.shape[:2])
         cam_crf = crf_labels(image, label_map(cams.full, cams.class_ids, params.cams.eval_threshold), params.crf)
         pseudo = read_mask(root / PSEUDO_DIR / "val" / f"{record.id}.png")
         truth = read_mask(val.mask_path(record))

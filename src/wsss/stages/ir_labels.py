@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wsss import distributed, tracking
-from wsss.cam import load_cams
+from wsss.cam import CamStore
 from wsss.config import Params
 from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError
@@ -24,7 +24,6 @@ from wsss.ir_labels import IrInput, ir_labels_many, label_statistics
 from wsss.stages.paths import CAMS_DIR, INDEX_FILE, IR_LABELS_DIR, PREPARED_DIR, SPLITS_DIR
 
 METRICS = Path("metrics/ir_labels.json")
-CHUNK = 256  # images per CRF batch: bounds memory on large datasets
 
 
 def stage_params(params: Params) -> dict:
@@ -53,12 +52,14 @@ def write_ir_labels(train, records, root: Path, staging: Path, params: Params) -
     context = distributed.current()
     share = distributed.shard(records, context)
     totals = dict.fromkeys(TOTALS, 0)
-    for start in tqdm(range(0, len(share), CHUNK), desc="ir_labels", unit="chunk", disable=not context.is_main):
-        chunk = share[start : start + CHUNK]
+    store = CamStore(root / CAMS_DIR / "train")
+    size = params.compute.chunk_size  # images per CRF batch: memory follows it, not the dataset
+    for start in tqdm(range(0, len(share), size), desc="ir_labels", unit="chunk", disable=not context.is_main):
+        chunk = share[start : start + size]
         items = []
         for record in chunk:
             image = read_image(train.image_path(record))
-            cams = load_cams(root / CAMS_DIR / "train" / f"{record.id}.npz", expected_size=image.shape[:2])
+            cams = store.load(record.id, expected_size=image.shape[:2])
             items.append(IrInput(record.id, image, cams.full, cams.class_ids))
         labels = ir_labels_many(items, params.irnet.conf_fg, params.irnet.conf_bg, params.crf)
         for record in chunk:

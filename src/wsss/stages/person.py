@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from wsss import checkpoint, distributed, provenance, tracking
-from wsss.cam import load_cams
+from wsss.cam import CamStore
 from wsss.cam_inference import compute_cams
 from wsss.classifier import BEST, LAST, train_classifier
 from wsss.config import Params, flatten
@@ -86,7 +86,9 @@ def run_person_classifier(params: Params, root: Path) -> dict:
         with atomic_dir(root / PERSON_CAMS) as staging:
             for split, manifest in manifests.items():
                 everyone = manifest.derive([replace(r, labels=(person,)) for r in manifest.records])  # a map for every image
-                summaries = compute_cams(model, [person], everyone, staging / split, params.cams, desc=f"person cams {split}")
+                summaries = compute_cams(model, [person], everyone, staging / split, params.cams, distributed.current().device,
+                                         desc=f"person cams {split}", workers=params.compute.workers,
+                                         shard_size=params.compute.shard_size)
                 probability[split] = {s.id: s.confidence for s in summaries}
             write_json(staging / INDEX_FILE, {"class_id": person, "probability": probability})
 
@@ -133,6 +135,7 @@ def run_person_masks(params: Params, root: Path, masks_dir: Path, out_dir: Path,
             for split, manifest in manifests.items():
                 (staging / split).mkdir()
                 merged, changed = {}, []
+                person_store = CamStore(root / PERSON_CAMS / split)
                 for record in manifest.records:
                     mask_path = root / masks_dir / split / f"{record.id}.png"
                     mask = read_mask(mask_path)
@@ -145,7 +148,7 @@ def run_person_masks(params: Params, root: Path, masks_dir: Path, out_dir: Path,
                     present = (person in record.labels if split != "train"
                                else shows_person(probability, record.source_labels, person, config.presence_threshold))
                     if present:
-                        person_map = load_cams(root / PERSON_CAMS / split / f"{record.id}.npz", expected_size=mask.shape).full[0]
+                        person_map = person_store.load(record.id, expected_size=mask.shape).full[0]
                         mask = merge_person(mask, person_map, person, config.cam_threshold)
                         changed.append(record)
                     merged[record.id] = mask

@@ -7,106 +7,31 @@ each process walks its share of the images; the val confusion matrices are summe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from wsss import augment, checkpoint, distributed, tracking, visualize
-from wsss.cam import ImageCams, label_map, load_cams
+from wsss import distributed, tracking, visualize
+from wsss.cam import label_map
 from wsss.config import IrnetParams, Params, flatten
-from wsss.crf import CrfTask, crf_labels, crf_many
-from wsss.data.manifest import ImageRecord, Manifest, load_manifest
-from wsss.io import read_image, read_json, read_mask, write_csv, write_json, write_mask_png
-from wsss.irnet import build_irnet
+from wsss.crf import crf_labels
+from wsss.data.manifest import Manifest, load_manifest
+from wsss.io import read_json, read_mask, write_csv, write_json, write_mask_png
+from wsss.irnet_inference import load_irnet, pseudo_masks
 from wsss.metrics import confusion_matrix, segmentation_scores
-from wsss.random_walk import propagate_many, pseudo_mask, walk_seeds
 from wsss.stages.common import background_knob
 from wsss.stages.paths import CAMS_DIR, CAMS_METRICS, CLASSIFIER_PATH, IRNET_PATH, PSEUDO_DIR, SPLITS_DIR
 
 PSEUDO_METRICS = Path("metrics/pseudo_masks.json")
 PSEUDO_PLOT = Path("plots/pseudo_masks/per_class_iou.csv")
 WALK_KEYS = ("infer_radius", "infer_scale", "beta", "exp_times", "background", "threshold", "bg_weight", "post_crf")
-WALK_BATCH = 64
-
-
-def _enlarge(image: np.ndarray, scale: int) -> np.ndarray:
-    return image if scale == 1 else augment.resize_image(image, (image.shape[1] * scale, image.shape[0] * scale))
-
-
-def _walk_input(cams, grid: torch.Size, scale: int) -> torch.Tensor:
-    """The CAMs on the walk's grid: the stored stride-4 maps, or (enlarged image) the
-    full-resolution maps averaged down to the finer grid."""
-    if scale == 1:
-        return torch.from_numpy(cams.stride4)
-    full = torch.from_numpy(cams.full)
-    if full.shape[0] == 0:
-        return torch.zeros(0, *grid)
-    return torch.nn.functional.adaptive_avg_pool2d(full[None], tuple(grid))[0]
 
 
 def _overlay_figure(examples: list[dict]):
     rows = [[e["image"], visualize.overlay(e["image"], e["cam_crf"]), visualize.overlay(e["image"], e["pseudo"]),
              visualize.overlay(e["image"], e["truth"])] for e in examples]
     return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", "ground truth"], row_labels=[e["id"] for e in examples])
-
-
-def walk_chunk(model, chunk_images: list[np.ndarray], chunk_cams: list, walk: IrnetParams) -> list[torch.Tensor]:
-    """The random walk of one chunk of images together: walked maps on the walk's grid (a walked
-    background first when ``walk.background == "walk"``)."""
-    boundaries = [model.boundary_map(augment.to_tensor(_enlarge(img, walk.infer_scale))[None])[0] for img in chunk_images]
-    seeds = [walk_seeds(_walk_input(c, b.shape, walk.infer_scale), walk.background) for c, b in zip(chunk_cams, boundaries, strict=True)]
-    return propagate_many(seeds, boundaries, walk.infer_radius, walk.beta, walk.exp_times)
-
-
-def masks_from_walk(walked: list[torch.Tensor], chunk_images: list[np.ndarray], chunk_cams: list, walk: IrnetParams) -> list[np.ndarray]:
-    """The walk's last step (background plane or weight, argmax): label maps before any CRF.
-    Only this step reads ``threshold`` and ``bg_weight``, so a sweep over them reuses ``walked``."""
-    return [pseudo_mask(result, cam.class_ids, image.shape[:2], walk.threshold, upsample=4 // walk.infer_scale,
-                        background=walk.background, bg_weight=walk.bg_weight)
-            for image, cam, result in zip(chunk_images, chunk_cams, walked, strict=True)]
-
-
-@dataclass(frozen=True)
-class PseudoMask:
-    """One image's pseudo mask, with what it was made from."""
-
-    record: ImageRecord
-    image: np.ndarray
-    cams: ImageCams
-    walked: np.ndarray  # label map of the walk, before any CRF
-    mask: np.ndarray  # the pseudo mask (after the CRF with ``irnet.post_crf``)
-
-
-def pseudo_masks(model, manifest: Manifest, cams_dir: Path, params: Params, desc: str = "pseudo masks") -> Iterator[PseudoMask]:
-    """The pseudo mask of every image of ``manifest`` (CAMs from ``cams_dir/<id>.npz``), walked
-    ``WALK_BATCH`` images at a time, in manifest order."""
-    walk = params.irnet
-    records = manifest.records
-    for start in tqdm(range(0, len(records), WALK_BATCH), desc=desc, unit="batch"):
-        chunk = records[start : start + WALK_BATCH]
-        images = [read_image(manifest.image_path(r)) for r in chunk]
-        cams = [load_cams(cams_dir / f"{r.id}.npz", expected_size=img.shape[:2]) for r, img in zip(chunk, images, strict=True)]
-        with torch.no_grad():
-            walked = masks_from_walk(walk_chunk(model, images, cams, walk), images, cams, walk)
-        masks = walked
-        if walk.post_crf:
-            tasks = [CrfTask(r.id, img, m) for r, img, m in zip(chunk, images, walked, strict=True)]
-            masks = [refined for _, refined in crf_many(tasks, params.crf)]
-        yield from (PseudoMask(*fields) for fields in zip(chunk, images, cams, walked, masks, strict=True))
-
-
-def load_irnet(params: Params, root: Path, path: Path):
-    """A trained IRNet from its model file, in eval mode (its backbone kind is in the file)."""
-    state = checkpoint.load(path)
-    model = build_irnet(params.model_copy(update={"irnet": params.irnet.model_copy(update={"backbone": state["backbone"], "backbone_weights": "none"})}),
-                        root / CLASSIFIER_PATH)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model
 
 
 def write_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, out_dir: Path,
@@ -161,7 +86,7 @@ def run_pseudo_masks(params: Params, root: Path) -> dict | None:
     import mlflow
 
     manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("train", "val")}
-    model = load_irnet(params, root, root / IRNET_PATH)
+    model = load_irnet(params, root / IRNET_PATH, root / CLASSIFIER_PATH, distributed.current().device)
     torch.set_num_threads(distributed.current().cpu_threads())
     if not distributed.current().is_main:  # a torchrun process but rank 0: its share, nothing logged
         with distributed.shared_atomic_dir(root / PSEUDO_DIR) as staging:

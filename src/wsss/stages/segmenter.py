@@ -76,7 +76,7 @@ def fit_tracked(config: SegmenterParams, seed: int, spec: SegmenterSpec, dataset
         extra_state={"mlflow_run_id": run_id}, desc=desc)
     model = build_segmenter(spec)
     model.load_state_dict(result.best_state)
-    return result, model
+    return result, model.to(distributed.current().device)
 
 
 def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_after: bool = False) -> dict:
@@ -124,8 +124,8 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
         mlflow.log_metrics({"best_val_miou": result.best_miou, "best_epoch": result.best_epoch})
         if evaluate_after:
             manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("val", "test")}
-            scores, _, _ = evaluate_model(model.to(distributed.current().device), manifests, params.evaluate.tta_scales,
-                                          post_crf(params))
+            scores, _, _ = evaluate_model(model, manifests, params.evaluate.tta_scales, post_crf(params),
+                                          batch_size=params.compute.eval_batch_size, chunk=params.compute.chunk_size)
             metrics.update(scores, final_mode=final_mode(params.evaluate.crf))
             mlflow.log_params({"evaluate.tta_scales": params.evaluate.tta_scales, "evaluate.crf": params.evaluate.crf})
             mlflow.log_metrics({f"{split}_{mode}_miou": scores[split][mode]["miou"] for split in manifests for mode in MODES

@@ -1,0 +1,115 @@
+"""Inference that scales: images read ahead by loader processes, batches of one size with a bounded
+number of images waiting, CAMs streamed to disk in manifest order whatever the sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsss.cam import CamStore
+from wsss.cam_inference import compute_cams, evaluate_cams, read_images, same_size_batches
+from wsss.config import CamParams, CrfParams
+from wsss.data.manifest import ImageRecord, Manifest
+from wsss.errors import DataError
+from wsss.io import write_mask_png
+from wsss.models.classifier import build_classifier
+
+SIZES = [(20, 16), (16, 20), (24, 24), (20, 16), (12, 28), (16, 20), (20, 16), (28, 12), (24, 24), (20, 16), (16, 16)]
+
+
+def varied_manifest(root: Path, sizes=SIZES, with_masks: bool = False) -> Manifest:
+    rng = np.random.default_rng(0)
+    records = []
+    for index, (height, width) in enumerate(sizes):
+        image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / f"im{index}.png")
+        mask = None
+        if with_masks:
+            truth = np.zeros((height, width), np.uint8)
+            truth[height // 4 : height // 2, width // 4 :] = 1 + index % 2
+            write_mask_png(root / f"im{index}_mask.png", truth)
+            mask = f"im{index}_mask.png"
+        records.append(ImageRecord(f"im{index}", "train", f"im{index}.png", mask, (1 + index % 2,), (1 + index % 2,)))
+    return Manifest("test", ("background", "a", "b"), None, tuple(records), root)
+
+
+def test_same_size_batches_keep_every_image_once_and_bound_what_waits():
+    items = [(f"r{i}", np.zeros((*size, 3), np.uint8)) for i, size in enumerate(SIZES * 3)]
+    consumed = 0
+
+    def counted():
+        nonlocal consumed
+        for item in items:
+            consumed += 1
+            yield item
+
+    emitted, seen = 0, []
+    for batch in same_size_batches(counted(), batch_size=2, max_pending=3):
+        assert consumed - emitted <= 3, "more images waited than max_pending"
+        assert 1 <= len(batch) <= 2 and len({image.shape for _, image in batch}) == 1
+        emitted += len(batch)
+        seen += [name for name, _ in batch]
+    assert sorted(seen) == sorted(name for name, _ in items)
+    # one size only: full batches in order, as the pipeline always batched
+    same = [(f"s{i}", np.zeros((8, 8, 3), np.uint8)) for i in range(7)]
+    assert [[n for n, _ in b] for b in same_size_batches(iter(same), 3)] == [["s0", "s1", "s2"], ["s3", "s4", "s5"], ["s6"]]
+
+
+def test_loader_processes_read_the_same_images_in_order_and_name_a_corrupt_file(tmp_path):
+    manifest = varied_manifest(tmp_path)
+    plain = list(read_images(manifest, workers=0))
+    ahead = list(read_images(manifest, workers=2))
+    assert [r.id for r, _ in ahead] == [r.id for r in manifest.records]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(plain, ahead, strict=True))
+    (tmp_path / "im3.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="im3.png"):
+        list(read_images(manifest, workers=2))
+
+
+def test_streamed_cams_of_varied_sizes_equal_one_image_at_a_time(tmp_path):
+    """Batching by size, reading ahead and a small bound on waiting images change nothing in the CAM
+    files; evaluation streams the CRF in chunks and scores every masked image."""
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", num_outputs=2, extra_convs=1).eval()
+    manifest = varied_manifest(tmp_path, with_masks=True)
+    params = CamParams(scales=[1.0, 0.5], batch_size=3)
+    batched = compute_cams(model, [1, 2], manifest, tmp_path / "batched", params, workers=2, shard_size=4)
+    single = compute_cams(model, [1, 2], manifest, tmp_path / "single", params.model_copy(update={"batch_size": 1}))
+    assert [s.id for s in batched] == [r.id for r in manifest.records]
+    assert sorted(p.name for p in (tmp_path / "batched").iterdir()) == [f"shard-0000{i}.npz" for i in range(3)] + ["shards.json"]
+    by_batch, by_image = CamStore(tmp_path / "batched"), CamStore(tmp_path / "single")
+    for record in manifest.records:
+        a, b = by_batch.load(record.id), by_image.load(record.id)
+        assert a.class_ids.tolist() == list(record.labels)
+        assert np.allclose(a.full, b.full, atol=2e-3) and np.allclose(a.stride4, b.stride4, atol=2e-3)
+    evaluation = evaluate_cams(manifest, tmp_path / "batched", params, CrfParams(workers=1), num_examples=2, workers=1)
+    pixels = sum(h * w for h, w in SIZES)
+    assert evaluation.cam_matrix.sum() == pixels and evaluation.crf_matrix.sum() == pixels
+    assert [e["id"] for e in evaluation.examples] == ["im0", "im1"] and all("crf" in e for e in evaluation.examples)
+
+
+def test_cam_shards_are_deterministic_and_a_resumed_run_computes_only_the_missing_ones(tmp_path, monkeypatch):
+    """Shards written again from the same maps have the same bytes (DVC sees no change); with some
+    shards already there (a killed run) only the others are computed, and the result is the same."""
+    import wsss.cam_inference as cam_inference
+
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", num_outputs=2, extra_convs=1).eval()
+    manifest = varied_manifest(tmp_path)
+    params = CamParams(scales=[1.0], batch_size=2)
+    whole = compute_cams(model, [1, 2], manifest, tmp_path / "whole", params, shard_size=4)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "shard-00001.npz").write_bytes((tmp_path / "whole/shard-00001.npz").read_bytes())  # left by the kill
+    computed: list[str] = []
+    original = cam_inference.labelled_cams
+    monkeypatch.setattr(cam_inference, "labelled_cams", lambda m, images, s, w: computed.append(len(w)) or original(m, images, s, w))
+    again = compute_cams(model, [1, 2], manifest, resumed, params, shard_size=4)
+    assert sum(computed) == len(manifest.records) - 4  # shard 1's four images were not computed again
+    assert again == whole
+    for name in ("shard-00000.npz", "shard-00002.npz", "shards.json"):
+        assert (resumed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
