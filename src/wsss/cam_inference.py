@@ -1,7 +1,11 @@
 """Compute and store the CAMs of every image of a manifest; evaluate them (and CAM+CRF) on masks.
 
-Images of equal size are batched (``cams.batch_size``); each image keeps the maps of the classes
-it is labelled with that the classifier knows (its ``class_ids``). Evaluation: the label map is
+Streamed, so that memory follows the batch and not the dataset: images are read ahead by loader
+processes (``compute.workers``), images of equal size are batched (``cams.batch_size``, at most four
+batches waiting), each image keeps (and upsamples) only the maps of the classes it is labelled with
+that the classifier knows (its ``class_ids``), and the maps go to shards of ``compute.shard_size``
+images (:mod:`wsss.shards`) as soon as a shard is complete; shards already written are kept, so a
+killed run resumes. Evaluation: the label map is
 the argmax over a background plane at ``cams.eval_threshold`` and the full-resolution CAMs;
 CAM+CRF refines that map with :func:`wsss.crf.crf_labels` (the paper's Table 2 row
 "Classification + CRF"). Both go into one confusion matrix each, over all classes.

@@ -1,0 +1,162 @@
+"""Images per second of the paper's networks at the paper profile's sizes, and the hours of the paper
+profile on VOC and LID that follow from them.
+
+Random weights and inputs (speed does not depend on them): VGG16-BN-D1 + 4 extra convs trained at
+352 px and its multi-scale CAMs (scales 1, 0.5, 1.5, 2 x flip) of a 375 x 500 image; IRNet on
+ResNet-50 trained on 512 px crops and its inference (boundary map x flip + the random walk, radius 5,
+beta 10, 2^8 steps, two classes) of a 375 x 500 image; DeepLabv3+ ResNet-50 at output stride 8 trained
+at 352 px and its TTA (0.5, 1, 2 x flip) of a 375 x 500 image. Each figure is the median of
+``--steps`` timed iterations after one warm-up.
+
+The estimate multiplies each stage's images (training: images x epochs x IRNet's four scales) by
+its measured time per image, with the profile's epochs: classifier 15, IRNet 3, segmenter 40 (and
+the upper bound's 40 on VOC); CAMs of train + val, walks of train + val, TTA of val + test. The CRF
+of the IR labels and the data stages are left out.
+
+    python benchmarks/throughput.py [--device cpu|cuda] [--precision fp32|bf16] [--batch 2] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from wsss.affinity import half_plane_offsets
+from wsss.cam import labelled_cams
+from wsss.irnet import irnet_losses
+from wsss.models.classifier import build_classifier
+from wsss.models.irnet import IRNet, resnet50_stages
+from wsss.models.segmenter import SegmenterSpec, build_segmenter
+from wsss.random_walk import propagate_many
+from wsss.tta import tta_logits
+
+# images per stage: VOC train_aug / val (the held-out masks); LID as the paper balanced it (train / its
+# own val part); LID's masked val set is not counted in the paper, so its evaluation is left out
+DATASETS = {"VOC 2012 (train_aug)": {"train": 10_582, "val": 1_449, "heldout": 1_449},
+            "LID 2020 (balanced, paper)": {"train": 72_946, "val": 12_873, "heldout": 0}}
+EPOCHS = {"classifier": 15, "irnet": 3, "segmenter": 40}
+IRNET_SCALES = 4
+VOC_SIZE = (375, 500)
+
+
+def timed(step, steps: int, device: torch.device) -> float:
+    """Median seconds of ``step()`` over ``steps`` runs after one warm-up."""
+    step()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--batch", type=int, default=2, help="training batch (the profile's 40 / 32 / 12 need a GPU)")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    batch, image = args.batch, torch.rand(1, 3, *VOC_SIZE, device=device)
+    seconds: dict[str, float] = {}  # per image
+
+    classifier = build_classifier("vgg16_bn_d1", num_outputs=20, extra_convs=4).to(device)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=1e-3)
+    images, targets = torch.rand(batch, 3, 352, 352, device=device), torch.randint(0, 2, (batch, 20), device=device).float()
+
+    def classifier_step():
+        with autocast:
+            loss = F.binary_cross_entropy_with_logits(classifier(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    seconds["train_classifier"] = timed(classifier_step, args.steps, device) / batch
+    classifier.eval()
+
+    def cams_step():
+        with torch.no_grad(), autocast:
+            labelled_cams(classifier, image, [1.0, 0.5, 1.5, 2.0], [torch.tensor([3, 7])])
+
+    seconds["cams"] = timed(cams_step, args.steps, device)
+
+    irnet = IRNet(resnet50_stages("none")).to(device)
+    optimizer = torch.optim.SGD([p for p in irnet.parameters() if p.requires_grad], lr=1e-3)
+    crops = torch.rand(batch, 3, 512, 512, device=device)
+    labels = torch.randint(0, 3, (batch, 512, 512), device=device)
+    labels[labels == 2] = 255
+    offsets = half_plane_offsets(5)
+
+    def irnet_step():
+        with autocast:
+            loss = irnet_losses(irnet, crops, labels, offsets)["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    seconds["train_irnet"] = timed(irnet_step, args.steps, device) / batch
+    irnet.eval()
+
+    def walk_step():
+        with torch.no_grad():
+            boundary = irnet.boundary_map(image)[0].float()
+            cams = torch.rand(2, *boundary.shape, device=device)
+            propagate_many([cams], [boundary], 5, 10.0, 8)
+
+    seconds["pseudo_masks"] = timed(walk_step, args.steps, device)
+
+    segmenter = build_segmenter(SegmenterSpec("resnet50", 21, 8, 256, atrous_rates=(12, 24, 36))).to(device)
+    optimizer = torch.optim.SGD(segmenter.parameters(), lr=1e-3, momentum=0.9)
+    images, masks = torch.rand(batch, 3, 352, 352, device=device), torch.randint(0, 21, (batch, 352, 352), device=device)
+
+    def segmenter_step():
+        with autocast:
+            loss = F.cross_entropy(segmenter(images), masks, ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    seconds["train_segmenter"] = timed(segmenter_step, args.steps, device) / batch
+    segmenter.eval()
+
+    def tta_step():
+        with torch.no_grad(), autocast:
+            tta_logits(segmenter, image, [0.5, 1.0, 2.0])
+
+    seconds["evaluate"] = timed(tta_step, args.steps, device)
+
+    print(f"\npaper networks, {args.device}, {args.precision}, training batch {batch}, torch threads {torch.get_num_threads()}\n")
+    print("| stage | what one image costs | images/s |\n|---|---|---:|")
+    what = {"train_classifier": "training step, 352 px", "cams": "CAMs, 4 scales x flip, 375 x 500",
+            "train_irnet": "training step, 512 px crop", "pseudo_masks": "boundary map x flip + walk, 375 x 500",
+            "train_segmenter": "training step, 352 px", "evaluate": "TTA 0.5 1 2 x flip, 375 x 500"}
+    for stage, cost in seconds.items():
+        print(f"| {stage} | {what[stage]} | {1 / cost:.2f} |")
+    print("\n| dataset | classifier | CAMs | IRNet | pseudo masks | segmenter | evaluate | total hours |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, counts in DATASETS.items():
+        hours = {
+            "classifier": counts["train"] * EPOCHS["classifier"] * seconds["train_classifier"],
+            "cams": (counts["train"] + counts["val"]) * seconds["cams"],
+            "irnet": counts["train"] * IRNET_SCALES * EPOCHS["irnet"] * seconds["train_irnet"],
+            "pseudo": (counts["train"] + counts["val"]) * seconds["pseudo_masks"],
+            "segmenter": counts["train"] * EPOCHS["segmenter"] * seconds["train_segmenter"] * (2 if name.startswith("VOC") else 1),
+            "evaluate": counts["heldout"] * seconds["evaluate"],
+        }
+        hours = {key: value / 3600 for key, value in hours.items()}
+        cells = [f"{value:.1f}" if value or key != "evaluate" else "n/a" for key, value in hours.items()]
+        print(f"| {name} | " + " | ".join(cells) + f" | **{sum(hours.values()):.1f}** |")
+
+
+if __name__ == "__main__":
+    main()
