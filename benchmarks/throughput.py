@@ -58,6 +58,20 @@ def timed(step, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def training_step(model: torch.nn.Module, loss_of, autocast):
+    """One SGD step of ``model`` on ``loss_of(model)`` under ``autocast``, as a callable to time."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+    def step():
+        with autocast:
+            loss = loss_of(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -72,15 +86,8 @@ def main() -> None:
     seconds: dict[str, float] = {}  # per image
 
     classifier = build_classifier("vgg16_bn_d1", num_outputs=20, extra_convs=4).to(device)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=1e-3)
     images, targets = torch.rand(batch, 3, 352, 352, device=device), torch.randint(0, 2, (batch, 20), device=device).float()
-
-    def classifier_step():
-        with autocast:
-            loss = F.binary_cross_entropy_with_logits(classifier(images), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    classifier_step = training_step(classifier, lambda m: F.binary_cross_entropy_with_logits(m(images), targets), autocast)
 
     seconds["train_classifier"] = timed(classifier_step, args.steps, device) / batch
     classifier.eval()
@@ -92,18 +99,11 @@ def main() -> None:
     seconds["cams"] = timed(cams_step, args.steps, device)
 
     irnet = IRNet(resnet50_stages("none")).to(device)
-    optimizer = torch.optim.SGD([p for p in irnet.parameters() if p.requires_grad], lr=1e-3)
     crops = torch.rand(batch, 3, 512, 512, device=device)
     labels = torch.randint(0, 3, (batch, 512, 512), device=device)
     labels[labels == 2] = 255
     offsets = half_plane_offsets(5)
-
-    def irnet_step():
-        with autocast:
-            loss = irnet_losses(irnet, crops, labels, offsets)["total"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    irnet_step = training_step(irnet, lambda m: irnet_losses(m, crops, labels, offsets)["total"], autocast)
 
     seconds["train_irnet"] = timed(irnet_step, args.steps, device) / batch
     irnet.eval()
@@ -117,15 +117,8 @@ def main() -> None:
     seconds["pseudo_masks"] = timed(walk_step, args.steps, device)
 
     segmenter = build_segmenter(SegmenterSpec("resnet50", 21, 8, 256, atrous_rates=(12, 24, 36))).to(device)
-    optimizer = torch.optim.SGD(segmenter.parameters(), lr=1e-3, momentum=0.9)
     images, masks = torch.rand(batch, 3, 352, 352, device=device), torch.randint(0, 21, (batch, 352, 352), device=device)
-
-    def segmenter_step():
-        with autocast:
-            loss = F.cross_entropy(segmenter(images), masks, ignore_index=255)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    segmenter_step = training_step(segmenter, lambda m: F.cross_entropy(m(images), masks, ignore_index=255), autocast)
 
     seconds["train_segmenter"] = timed(segmenter_step, args.steps, device) / batch
     segmenter.eval()

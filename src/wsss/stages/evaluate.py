@@ -79,9 +79,10 @@ def _cell(value: float | None) -> str:
 def _figure2(params: Params, root: Path, val: Manifest, records: list[ImageRecord], predictions: list[np.ndarray], title: str):
     """The paper's Figure 2: image | CAM + CRF | IRNet pseudo mask | DeepLabv3+ | ground truth."""
     rows = []
+    store = CamStore(root / CAMS_DIR / "val")  # its shard index is read once, not per row
     for record, prediction in zip(records, predictions, strict=True):
         image = read_image(val.image_path(record))
-        cams = CamStore(root / CAMS_DIR / "val").load(record.id, expected_size=image.shape[:2])
+        cams = store.load(record.id, expected_size=image.shape[:2])
         cam_crf = crf_labels(image, label_map(cams.full, cams.class_ids, params.cams.eval_threshold), params.crf)
         pseudo = read_mask(root / PSEUDO_DIR / "val" / f"{record.id}.png")
         truth = read_mask(val.mask_path(record))
