@@ -42,7 +42,9 @@ SMALL_NETWORKS = {
     "irnet.confidence_cutoff": 0.0, "compute.device": "cpu",
     # what memory may follow: one image per forward pass, four images per walk / CRF chunk, so that
     # N already fills every batch and chunk and 10 N differs from it only in the dataset's size
-    "cams.batch_size": 1, "compute.eval_batch_size": 1, "compute.chunk_size": 4,
+    "cams.batch_size": 1, "compute.eval_batch_size": 1, "compute.chunk_size": 4, "compute.shard_size": 8,
+    # the pictures hold a fixed number of example images, which N must already fill (N = 20 has 4 val images)
+    "cams.num_overlays": 1, "evaluate.num_figures": 1,
 }
 
 WRAPPER = """

@@ -22,6 +22,7 @@ from _scratch import REPO
 from wsss.config import load_params
 from wsss.data.manifest import load_manifest
 from wsss.segmentation import SegmentationDataset, train_segmenter
+from wsss.shards import stored_masks
 from wsss.stages.segmenter import encoder_inputs, segmenter_spec
 
 
@@ -47,7 +48,7 @@ def main() -> None:
     train = load_manifest(REPO / "data/splits/train.json")
     val = load_manifest(REPO / "data/splits/val.json")
     images = [train.image_path(r) for r in train.records]
-    masks = [REPO / "pseudo_masks/train" / f"{r.id}.png" for r in train.records]
+    masks = stored_masks(REPO / "pseudo_masks/train", [r.id for r in train.records])
     val_records = [r for r in val.records if r.mask is not None]
     print(f"{len(images)} training images, {len(val_records)} val images, {os.cpu_count()} cores")
     print("| encoder | settings | epochs | val mIoU per epoch | best | seconds per epoch |")

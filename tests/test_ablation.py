@@ -14,7 +14,7 @@ from test_step3 import STEP3
 
 from wsss.data.manifest import ImageRecord, Manifest
 from wsss.errors import ConfigError, DataError
-from wsss.io import read_mask
+from wsss.shards import MaskStore
 from wsss.person import merge_person, person_view, shows_person
 from wsss.stages.ablation import with_threshold
 from wsss.stages.ablation_cell import cell_segmenter
@@ -161,8 +161,10 @@ def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_
     merged = json.loads((root / "metrics/ablation/masks-thr-1.6-person-true.json").read_text())
     assert merged["images_given_person"]["val"] > 0
     for split in ("train", "val"):  # the merge only turns background into person (no CRF here)
-        for path in sorted((root / "ablation/masks/thr-1.6-person-false" / split).glob("*.png")):
-            before, after = read_mask(path), read_mask(root / "ablation/masks/thr-1.6-person-true" / split / path.name)
+        plain, merged_masks = (MaskStore(root / "ablation/masks" / f"thr-1.6-person-{p}" / split) for p in ("false", "true"))
+        assert plain.reader.index and plain.reader.index.keys() == merged_masks.reader.index.keys()
+        for image_id in plain.reader.index:
+            before, after = plain.load(image_id), merged_masks.load(image_id)
             changed = before != after
             assert (before[changed] == 0).all() and (after[changed] == PERSON).all()
 

@@ -20,7 +20,7 @@ from conftest import REPO, make_document
 from dvc_project import dvc_project, run_ok, subprocess_env
 from optuna.trial import TrialState
 from postgres import postgres_database, postgres_server  # noqa: F401  (fixtures)
-from test_step1 import STEP1
+from test_step1 import STEP1, STEP2
 from test_sweep import SWEEP, cams_template, sweep_project  # noqa: F401  (fixtures)
 
 from wsss.cli import main
@@ -76,38 +76,58 @@ def test_a_training_stage_killed_mid_epoch_continues_and_ends_as_an_uninterrupte
     assert (killed / "models/classifier/model.pt").read_bytes() == (uninterrupted / "models/classifier/model.pt").read_bytes()
 
 
+def _kill_resume_and_compare(killed: Path, uninterrupted: Path, stage: str, output: str, metrics: str, shards_in: str) -> None:
+    """SIGKILL ``wsss <stage>`` in ``killed`` once two shards are complete: they stay in the staging
+    folder ``.<output>.partial``, nothing appears where DVC looks; the re-run keeps those shards (same
+    files, not rewritten), computes the rest and ends with the bytes and metrics of an uninterrupted run."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "wsss.cli", stage, "--root"]
+    partial = killed / f".{output}.partial" / shards_in
+    process = subprocess.Popen([*command, str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    _kill_when(process, lambda: len(list(partial.glob("shard-*.npz"))) >= 2)
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / output).exists() and not (killed / metrics).exists()
+    kept = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in partial.glob("shard-*.npz")}
+
+    run_ok([*command, str(killed)], REPO, env)
+    run_ok([*command, str(uninterrupted)], REPO, env)
+    assert not (killed / f".{output}.partial").exists()
+    for name, identity in kept.items():  # resumed: the shards of the killed run were not computed again
+        stat = (killed / output / shards_in / name).stat()
+        assert (stat.st_ino, stat.st_mtime_ns) == identity
+    files = sorted(p.relative_to(uninterrupted / output) for p in (uninterrupted / output).rglob("*") if p.is_file())
+    assert len(files) > len(kept) + 2
+    assert files == sorted(p.relative_to(killed / output) for p in (killed / output).rglob("*") if p.is_file())
+    for name in files:
+        assert (killed / output / name).read_bytes() == (uninterrupted / output / name).read_bytes(), name
+    assert json.loads((killed / metrics).read_text()) == json.loads((uninterrupted / metrics).read_text())
+
+
 def test_the_cams_stage_killed_mid_split_resumes_from_its_complete_shards(split_copies, mlflow_store):
-    """SIGKILL during `wsss cams`: the complete shards stay in `.cams.partial`, nothing appears where DVC
-    looks; the re-run keeps those shards (same files, not rewritten), computes the rest and ends with
-    the bytes of an uninterrupted run."""
     killed, uninterrupted = split_copies
     for root in (killed, uninterrupted):
         document = make_document({**CLASSIFIER, "classifier.epochs": 1, "compute.shard_size": 4, "cams.scales": [1.0, 2.0]})
         (root / "params.yaml").write_text(yaml.safe_dump(document))
     assert main(["train-classifier", "--root", str(killed)]) == 0
     shutil.copytree(killed / "models", uninterrupted / "models")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "wsss.cli", "cams", "--root"]
-    partial = killed / ".cams.partial/train"
-    process = subprocess.Popen([*command, str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    _kill_when(process, lambda: len(list(partial.glob("shard-*.npz"))) >= 2)
-    assert process.returncode == -signal.SIGKILL
-    assert not (killed / "cams").exists() and not (killed / "metrics/cams.json").exists()
-    kept = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in partial.glob("shard-*.npz")}
+    _kill_resume_and_compare(killed, uninterrupted, "cams", "cams", "metrics/cams.json", "train")
 
-    run_ok([*command, str(killed)], REPO, env)
-    run_ok([*command, str(uninterrupted)], REPO, env)
-    assert not (killed / ".cams.partial").exists()
-    for name, identity in kept.items():  # resumed: the shards of the killed run were not computed again
-        stat = (killed / "cams/train" / name).stat()
-        assert (stat.st_ino, stat.st_mtime_ns) == identity
-    files = sorted(p.relative_to(uninterrupted / "cams") for p in (uninterrupted / "cams").rglob("*") if p.is_file())
-    assert len(files) > len(kept) + 2
-    assert files == sorted(p.relative_to(killed / "cams") for p in (killed / "cams").rglob("*") if p.is_file())
-    for name in files:
-        assert (killed / "cams" / name).read_bytes() == (uninterrupted / "cams" / name).read_bytes(), name
-    assert json.loads((killed / "metrics/cams.json").read_text()) == json.loads((uninterrupted / "metrics/cams.json").read_text())
+
+def test_ir_labels_and_pseudo_masks_killed_mid_stage_resume_from_their_complete_shards(split_copies, mlflow_store):
+    killed, uninterrupted = split_copies
+    for root in (killed, uninterrupted):
+        document = make_document({**STEP2, "classifier.epochs": 1, "cams.scales": [1.0], "compute.shard_size": 4,
+                                  "compute.chunk_size": 2})
+        (root / "params.yaml").write_text(yaml.safe_dump(document))
+    for stage in ("train-classifier", "cams"):
+        assert main([stage, "--root", str(killed)]) == 0
+    for output in ("models", "cams", "metrics"):
+        shutil.copytree(killed / output, uninterrupted / output, dirs_exist_ok=True)
+    _kill_resume_and_compare(killed, uninterrupted, "ir-labels", "ir_labels", "metrics/ir_labels.json", ".")
+    assert main(["train-irnet", "--root", str(killed)]) == 0
+    shutil.copytree(killed / "models", uninterrupted / "models", dirs_exist_ok=True)
+    _kill_resume_and_compare(killed, uninterrupted, "pseudo-masks", "pseudo_masks", "metrics/pseudo_masks.json", "train")
 
 
 def test_a_stage_killed_while_writing_leaves_nothing_complete_and_a_rerun_writes_everything(tmp_path, mlflow_store):

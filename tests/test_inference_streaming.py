@@ -113,3 +113,51 @@ def test_cam_shards_are_deterministic_and_a_resumed_run_computes_only_the_missin
     assert again == whole
     for name in ("shard-00000.npz", "shard-00002.npz", "shards.json"):
         assert (resumed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_mask_shards_fill_only_what_is_missing_and_feed_a_loader_with_worker_processes(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from wsss.segmentation import SegmentationDataset
+    from wsss.shards import MaskStore, fill_shards, matrix_from_meta, matrix_meta, metas, stored_masks, write_index
+
+    rng = np.random.default_rng(0)
+    ids = [f"img{i}" for i in range(7)]
+    masks = {i: rng.integers(0, 3, (6 + n % 2, 5), dtype=np.uint8) for n, i in enumerate(ids)}
+    asked: list[list[int]] = []
+
+    def make(positions):
+        asked.append(positions)
+        counts = np.zeros((3, 3), np.int64)
+        counts[0, 1] = len(positions)
+        return [{"mask": masks[ids[p]]} for p in positions], {"counts": matrix_meta(counts)}
+
+    fill_shards(tmp_path / "masks", ids, [0, 2], 3, make, desc="test")  # shards 0 and 2 only (another process has 1)
+    assert asked == [[0, 1, 2], [6]]
+    fill_shards(tmp_path / "masks", ids, [0, 1, 2], 3, make, desc="test")  # resumed: only the missing shard
+    assert asked[2:] == [[3, 4, 5]]
+    assert sum(matrix_from_meta(m["counts"], 3)[0, 1] for m in metas(tmp_path / "masks")) == 7
+    write_index(tmp_path / "masks")
+    store = MaskStore(tmp_path / "masks")
+    assert all(np.array_equal(store.load(i), masks[i]) for i in ids)
+
+    # a segmentation dataset reads them in loader processes (each opens the shards itself)
+    images = []
+    for i in ids:
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.zeros((*masks[i].shape, 3), np.uint8)).save(images[-1])
+    dataset = SegmentationDataset(images, stored_masks(tmp_path / "masks", ids), None, "none", seed=0, num_classes=3)
+    loaded = [mask[0].numpy() for _, mask in DataLoader(dataset, batch_size=1, num_workers=2)]
+    assert all(np.array_equal(got, masks[i]) for got, i in zip(loaded, ids, strict=True))
+
+    # errors name the shard and the image: another size, a class id the dataset does not have, an unknown image
+    with pytest.raises(DataError, match=r"shard-00000\.npz \(img0\).*5x6 but its image is 5x7"):
+        store.load("img0", expected_size=(7, 5))
+    masks["img1"][0, 0] = 9
+    fill_shards(tmp_path / "bad", ids, [0], 3, make, desc="test")
+    write_index(tmp_path / "bad")
+    bad = SegmentationDataset(images[:3], stored_masks(tmp_path / "bad", ids[:3]), None, "none", seed=0, num_classes=3)
+    with pytest.raises(DataError, match=r"shard-00000\.npz \(img1\).*mask values \[9\]"):
+        bad[1]
+    with pytest.raises(DataError, match="no shard holds image 'img5'"):
+        MaskStore(tmp_path / "bad").load("img5")

@@ -146,10 +146,12 @@ def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project):
     assert ir["images_kept"] == len(train.records)  # cutoff 0 keeps every image
     assert abs(ir["fg_share"] + ir["bg_share"] + ir["ignore_share"] - 1) < 1e-9
     assert 0 <= ir["fg_precision"] <= 1
-    from wsss.io import read_mask
+    from wsss.shards import MaskStore
 
-    label = read_mask(root / "ir_labels" / f"{train.records[0].id}.png")
-    assert set(np.unique(label)) <= {0, 255, *train.records[0].labels}
+    labels = MaskStore(root / "ir_labels")
+    for record in train.records:
+        assert set(np.unique(labels.load(record.id, expected_size=(32, 32)))) <= {0, 255, *record.labels}
+    assert len(list((root / "ir_labels").glob("shard-*.npz"))) == -(-len(train.records) // 128)  # 128 images a file
 
     irnet = json.loads((root / "metrics/irnet.json").read_text())
     assert irnet["samples_per_epoch"] == 2 * len(train.records) and irnet["steps"] == irnet["samples_per_epoch"] // 8
@@ -157,8 +159,9 @@ def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project):
     assert 0 <= pseudo["val"]["miou"] <= 1 and "gain_over_cam_crf" in pseudo
     val = load_manifest(root / "data/splits/val.json")
     for name, manifest in (("train", train), ("val", val)):
+        masks = MaskStore(root / "pseudo_masks" / name)
         for record in manifest.records:
-            mask = read_mask(root / "pseudo_masks" / name / f"{record.id}.png")
+            mask = masks.load(record.id)
             assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, *record.labels}
 
     runs = mlflow.search_runs(experiment_names=["wsss"], order_by=["attributes.start_time ASC"])
@@ -176,5 +179,6 @@ def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project):
     plane = json.loads((root / "metrics/pseudo_masks.json").read_text())
     assert plane["background"] == "plane" and "val_before_crf_miou" not in plane
     assert "threshold" in plane and "bg_weight" not in plane
+    masks = MaskStore(root / "pseudo_masks" / "val")
     for record in val.records:
-        assert set(np.unique(read_mask(root / "pseudo_masks" / "val" / f"{record.id}.png"))) <= {0, *record.labels}
+        assert set(np.unique(masks.load(record.id))) <= {0, *record.labels}

@@ -30,6 +30,7 @@ from wsss.data.manifest import ImageRecord, Manifest
 from wsss.io import IGNORE_INDEX, read_image, read_mask
 from wsss.models.classifier import load_trained_classifier
 from wsss.models.irnet import IRNet, classifier_stages, resnet50_stages
+from wsss.shards import MaskStore
 
 LAST = "last.pt"
 POLY_POWER = 0.9
@@ -65,10 +66,12 @@ def grid_labels(label: torch.Tensor) -> torch.Tensor:
 
 
 class IrDataset(Dataset):
-    """(image, IR label) of every kept image at every training scale."""
+    """(image, IR label) of every kept image at every training scale; the labels come from the
+    ``ir_labels`` stage's shards (a :class:`MaskStore`) or from a folder of ``<id>.png`` files."""
 
-    def __init__(self, manifest: Manifest, records: list[ImageRecord], labels_dir: Path, scales: list[float], crop: int, kind: str, seed: int):
-        self.manifest, self.labels_dir, self.crop, self.seed = manifest, labels_dir, crop, seed
+    def __init__(self, manifest: Manifest, records: list[ImageRecord], labels: MaskStore | Path, scales: list[float], crop: int,
+                 kind: str, seed: int):
+        self.manifest, self.labels, self.crop, self.seed = manifest, labels, crop, seed
         self.samples = [(record, scale) for record in records for scale in scales]
         self.transform = augment.build_transform(kind, None)
         self.epoch = 0
@@ -79,7 +82,10 @@ class IrDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         record, scale = self.samples[index]
         image = read_image(self.manifest.image_path(record))
-        label = read_mask(self.labels_dir / f"{record.id}.png")
+        if isinstance(self.labels, MaskStore):
+            label = self.labels.load(record.id, expected_size=image.shape[:2])
+        else:
+            label = read_mask(self.labels / f"{record.id}.png")
         if scale != 1.0:
             size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
             image, label = augment.resize_image(image, size), augment.resize_mask(label, size)

@@ -72,24 +72,25 @@ class PseudoMask:
     mask: np.ndarray  # the pseudo mask (after the CRF with ``irnet.post_crf``)
 
 
-def pseudo_masks(model, manifest: Manifest, cams_dir: Path, params: Params, desc: str = "pseudo masks") -> Iterator[PseudoMask]:
-    """The pseudo mask of every image of ``manifest`` (CAMs from the shards in ``cams_dir``), walked
-    ``compute.chunk_size`` images at a time, in manifest order."""
+def pseudo_masks(model, manifest: Manifest, cams: CamStore | Path, params: Params, desc: str = "pseudo masks",
+                 show: bool = True) -> Iterator[PseudoMask]:
+    """The pseudo mask of every image of ``manifest`` (CAMs from a :class:`CamStore` or the shards in
+    that folder), walked ``compute.chunk_size`` images at a time, in manifest order."""
     walk = params.irnet
     records = manifest.records
-    store = CamStore(cams_dir)
+    store = cams if isinstance(cams, CamStore) else CamStore(cams)
     size = params.compute.chunk_size
-    for start in tqdm(range(0, len(records), size), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(records), size), desc=desc, unit="batch", disable=not show):
         chunk = records[start : start + size]
         images = [read_image(manifest.image_path(r)) for r in chunk]
-        cams = [store.load(r.id, expected_size=img.shape[:2]) for r, img in zip(chunk, images, strict=True)]
+        chunk_cams = [store.load(r.id, expected_size=img.shape[:2]) for r, img in zip(chunk, images, strict=True)]
         with torch.no_grad():
-            walked = masks_from_walk(walk_chunk(model, images, cams, walk), images, cams, walk)
+            walked = masks_from_walk(walk_chunk(model, images, chunk_cams, walk), images, chunk_cams, walk)
         masks = walked
         if walk.post_crf:
             tasks = [CrfTask(r.id, img, m) for r, img, m in zip(chunk, images, walked, strict=True)]
             masks = [refined for _, refined in crf_many(tasks, params.crf)]
-        yield from (PseudoMask(*fields) for fields in zip(chunk, images, cams, walked, masks, strict=True))
+        yield from (PseudoMask(*fields) for fields in zip(chunk, images, chunk_cams, walked, masks, strict=True))
 
 
 def load_irnet(params: Params, path: Path, classifier_path: Path, device: torch.device | None = None):

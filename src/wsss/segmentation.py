@@ -30,7 +30,8 @@ from tqdm import tqdm
 from wsss import augment, checkpoint, distributed
 from wsss.config import SegmenterParams
 from wsss.errors import DataError
-from wsss.io import IGNORE_INDEX, read_image, read_mask
+from wsss.io import IGNORE_INDEX, read_image
+from wsss.shards import StoredMask, load_mask
 from wsss.metrics import SegmentationScores, confusion_matrix, segmentation_scores
 from wsss.models.segmenter import SegmenterSpec, build_segmenter, padded_forward
 from wsss.tta import tta_logits
@@ -51,9 +52,10 @@ def segmentation_transform(kind: str, image_size: int | None, scale_range: tuple
     return A.Compose(resize + steps, seed=0)
 
 
-def read_pair(image_path: Path, mask_path: Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """An image and its mask; a mask of another size (or with values >= ``num_classes`` but 255) raises DataError."""
-    image, mask = read_image(image_path), read_mask(mask_path)
+def read_pair(image_path: Path, mask_path: Path | StoredMask, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its mask (a PNG or a mask in shards); a mask of another size (or with values >=
+    ``num_classes`` but 255) raises DataError."""
+    image, mask = read_image(image_path), load_mask(mask_path)
     if mask.shape != image.shape[:2]:
         raise DataError(mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
                                    f"{image.shape[1]}x{image.shape[0]}")
@@ -69,7 +71,7 @@ def read_pair(image_path: Path, mask_path: Path, num_classes: int | None = None)
 class SegmentationDataset(Dataset):
     """(image, mask) pairs, resized and augmented together; augmentation seeded per (epoch, index)."""
 
-    def __init__(self, image_paths: list[Path], mask_paths: list[Path], image_size: int | None, augmentation: str,
+    def __init__(self, image_paths: list[Path], mask_paths: list[Path | StoredMask], image_size: int | None, augmentation: str,
                  seed: int, num_classes: int | None = None, scale_range: tuple[float, float] = (1.0, 1.0)):
         if len(image_paths) != len(mask_paths):
             raise ValueError(f"{len(image_paths)} images but {len(mask_paths)} masks")

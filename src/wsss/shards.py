@@ -15,15 +15,17 @@ only the shards it lacks; the folder replaces the output when every shard is the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import shutil
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from wsss.errors import DataError
 from wsss.io import atomic_write_bytes, read_json, write_json
@@ -164,3 +166,115 @@ def resumable_dir(final: Path, fingerprint: str, context=None) -> Iterator[Path]
             shutil.rmtree(final) if final.is_dir() else final.unlink()
         os.replace(staging, final)
     distributed.barrier(context)
+
+
+def missing_shards(out_dir: Path, numbers: Sequence[int]) -> list[int]:
+    """The shards of ``numbers`` that ``out_dir`` does not hold yet (a resumed stage computes only these)."""
+    return [number for number in numbers if not (Path(out_dir) / shard_name(number)).is_file()]
+
+
+def fill_shards(out_dir: Path, ids: Sequence[str], numbers: Sequence[int], size: int,
+                make: Callable[[list[int]], tuple[list[dict[str, np.ndarray]], dict]], desc: str, show: bool = True) -> None:
+    """Write every shard of ``numbers`` (shards of ``size`` of the images ``ids``) that ``out_dir`` lacks:
+    ``make(positions)`` gives the arrays of the images at those positions, in order, and the shard's
+    meta. Shards already there are kept, so a killed stage resumes where it stopped."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranges = shard_numbers(len(ids), size)
+    todo = missing_shards(out_dir, numbers)
+    total = sum(len(ranges[n]) for n in numbers)
+    with tqdm(total=total, initial=total - sum(len(ranges[n]) for n in todo), desc=desc, unit="img", disable=not show) as progress:
+        for number in todo:
+            positions = list(ranges[number])
+            arrays, meta = make(positions)
+            if len(arrays) != len(positions):
+                raise ValueError(f"shard {number}: {len(arrays)} results for {len(positions)} images")
+            write_shard(out_dir / shard_name(number), [(ids[p], a) for p, a in zip(positions, arrays, strict=True)], meta)
+            progress.update(len(positions))
+
+
+def metas(folder: Path) -> list[dict]:
+    """The ``meta.json`` of every shard in ``folder``, in shard order."""
+    return [read_meta(path) for path in sorted(Path(folder).glob("shard-*.npz"))]
+
+
+def matrix_meta(matrix: np.ndarray) -> list[list[int]]:
+    """A (sparse) count matrix as JSON: ``[[row, column, count], ...]`` of its non-zero cells."""
+    rows, columns = np.nonzero(matrix)
+    return [[int(r), int(c), int(matrix[r, c])] for r, c in zip(rows, columns, strict=True)]
+
+
+def matrix_from_meta(cells: list[list[int]], size: int) -> np.ndarray:
+    """The ``size`` x ``size`` int64 matrix of :func:`matrix_meta`'s cells."""
+    matrix = np.zeros((size, size), dtype=np.int64)
+    for row, column, count in cells:
+        matrix[row, column] += count
+    return matrix
+
+
+MASK = "mask"
+
+
+class MaskStore:
+    """Label maps (uint8: class ids, 255 = unsure / ignored) stored in shards, one ``mask`` array per
+    image: the IR labels, the pseudo masks and the ablation's masks. Picklable for data-loader
+    workers: each process opens the shard files itself."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._reader: ShardReader | None = None
+
+    def __getstate__(self) -> dict:
+        return {"folder": self.folder, "_reader": None}
+
+    @property
+    def reader(self) -> ShardReader:
+        if self._reader is None:
+            self._reader = ShardReader(self.folder)
+        return self._reader
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.reader
+
+    def where(self, image_id: str) -> str:
+        """Where ``image_id``'s mask lives, for error messages: ``<shard> (<id>)``."""
+        return f"{self.reader.where(image_id)} ({image_id})"
+
+    def load(self, image_id: str, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+        """One image's mask; a missing image, another array or another size (height, width) raise
+        :class:`DataError` naming the shard and the image."""
+        arrays = self.reader.arrays(image_id)
+        mask = arrays.get(MASK)
+        if mask is None or mask.ndim != 2 or mask.dtype != np.uint8:
+            raise DataError(self.where(image_id), "no 2-D uint8 mask stored for this image")
+        if expected_size is not None and mask.shape != tuple(expected_size):
+            raise DataError(self.where(image_id), f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                                                  f"{expected_size[1]}x{expected_size[0]}")
+        return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredMask:
+    """A reference to one image's mask in a :class:`MaskStore`: what a dataset lists instead of a PNG path."""
+
+    store: MaskStore
+    image_id: str
+
+    def read(self) -> np.ndarray:
+        return self.store.load(self.image_id)
+
+    def __str__(self) -> str:
+        return self.store.where(self.image_id)
+
+
+def stored_masks(folder: Path, ids: Sequence[str]) -> list[StoredMask]:
+    """:class:`StoredMask` references of ``ids`` in the shards of ``folder`` (one shared store)."""
+    store = MaskStore(folder)
+    return [StoredMask(store, image_id) for image_id in ids]
+
+
+def load_mask(source: Path | StoredMask) -> np.ndarray:
+    """A mask from a PNG file or from a :class:`MaskStore`."""
+    from wsss.io import read_mask
+
+    return source.read() if isinstance(source, StoredMask) else read_mask(source)

@@ -16,10 +16,11 @@ import torch
 from wsss import distributed, tracking
 from wsss.config import Params, flatten
 from wsss.errors import ConfigError
-from wsss.io import atomic_dir, write_json
+from wsss.io import write_json
+from wsss.shards import resumable_dir
 from wsss.stages.common import background_knob, load_splits
 from wsss.irnet_inference import load_irnet
-from wsss.stages.pseudo_masks import pseudo_mask_metrics, write_pseudo_masks
+from wsss.stages.pseudo_masks import output_fingerprint, pseudo_mask_metrics, write_pseudo_masks
 from wsss.stages.paths import CAMS_DIR, CLASSIFIER_PATH, IRNET_PATH, SPLITS_DIR
 
 
@@ -41,8 +42,8 @@ def run_ablation_masks(params: Params, root: Path, threshold: float, out_dir: Pa
     torch.set_num_threads(os.cpu_count() or 1)
     logged = {"ablation.threshold": threshold, **flatten(params.irnet.model_dump(), "irnet.")}
     with tracking.stage_run("ablation_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
-        with atomic_dir(root / out_dir) as staging:
-            matrix, walk_matrix, _ = write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
+        with resumable_dir(root / out_dir, output_fingerprint(params, hashes)) as staging:
+            matrix, walk_matrix = write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
         metrics = {"threshold_key": f"irnet.{background_knob(params.irnet)}", "person": False,
                    **pseudo_mask_metrics(matrix, walk_matrix, manifests["val"], params.irnet)}
         write_json(root / metrics_path, metrics)

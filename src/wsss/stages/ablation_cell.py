@@ -19,6 +19,7 @@ from wsss.evaluation import evaluate_model
 from wsss.io import write_json
 from wsss.models.segmenter import CLASSIFIER_ENCODER, save_segmenter
 from wsss.segmentation import SegmentationDataset
+from wsss.shards import stored_masks
 from wsss.stages.common import background_knob, cell_name, load_splits, unfinished_run
 from wsss.stages.paths import PREPARED_DIR, SPLITS_DIR
 from wsss.stages.segmenter import encoder_inputs, fit_tracked, segmenter_spec
@@ -62,7 +63,7 @@ def run_ablation_cell(params: Params, root: Path, encoder: str, threshold: float
 
     with tracking.stage_run("ablation_cell", params.tracking.experiment, logged, root=root, hashes=hashes,
                             resume_run_id=unfinished_run(previous, config.epochs)) as run:
-        dataset = SegmentationDataset([train.image_path(r) for r in train.records], [root / masks_dir / "train" / f"{r.id}.png" for r in train.records],
+        dataset = SegmentationDataset([train.image_path(r) for r in train.records], stored_masks(root / masks_dir / "train", [r.id for r in train.records]),
                                       config.image_size, config.augmentation, params.seed, train.num_classes, config.scale_range)
         result, model = fit_tracked(config, params.seed, spec, dataset, [val.image_path(r) for r in val_records],
                                     [val.mask_path(r) for r in val_records], checkpoint_dir, run_fingerprint, encoder_weights,

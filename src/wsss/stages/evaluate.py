@@ -19,6 +19,7 @@ from wsss.evaluation import MODE_NAMES, MODES, evaluate_model, final_mode, mode_
 from wsss.figures import confusion_figure, iou_bars
 from wsss.io import read_image, read_mask, write_csv, write_json
 from wsss.models.segmenter import load_segmenter
+from wsss.shards import MaskStore
 from wsss.stages.paths import CAMS_DIR, EVALUATE_METRICS, PSEUDO_DIR, SEGMENTER_PATH, SPLITS_DIR
 
 EVALUATE_PLOTS = Path("plots/evaluate")
@@ -79,12 +80,12 @@ def _cell(value: float | None) -> str:
 def _figure2(params: Params, root: Path, val: Manifest, records: list[ImageRecord], predictions: list[np.ndarray], title: str):
     """The paper's Figure 2: image | CAM + CRF | IRNet pseudo mask | DeepLabv3+ | ground truth."""
     rows = []
-    store = CamStore(root / CAMS_DIR / "val")  # its shard index is read once, not per row
+    store, pseudo_store = CamStore(root / CAMS_DIR / "val"), MaskStore(root / PSEUDO_DIR / "val")  # each index read once
     for record, prediction in zip(records, predictions, strict=True):
         image = read_image(val.image_path(record))
         cams = store.load(record.id, expected_size=image.shape[:2])
         cam_crf = crf_labels(image, label_map(cams.full, cams.class_ids, params.cams.eval_threshold), params.crf)
-        pseudo = read_mask(root / PSEUDO_DIR / "val" / f"{record.id}.png")
+        pseudo = pseudo_store.load(record.id, expected_size=image.shape[:2])
         truth = read_mask(val.mask_path(record))
         rows.append([image, *(visualize.overlay(image, m) for m in (cam_crf, pseudo, prediction, truth))])
     return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", title, "ground truth"],

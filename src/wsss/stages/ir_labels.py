@@ -1,10 +1,11 @@
 """The ``ir_labels`` stage: IR labels of the confident training images.
 
-Outputs: ``ir_labels/<id>.png`` (palette PNG: class ids, 0 background, 255 unsure),
+Outputs: ``ir_labels/shard-*.npz`` + ``shards.json`` (:class:`wsss.shards.MaskStore`: one uint8 map per
+image, class ids, 0 background, 255 unsure; a killed run resumes from its last complete shard),
 ``ir_labels/index.json`` (kept ids and the cutoff), ``metrics/ir_labels.json`` (images kept, share
 of fg / bg / ignore pixels, precision of fg and bg pixels against the training masks: a
 diagnostic only, never used for training). Under torchrun each process labels its share of the
-images (the CRF is the cost); rank 0 writes the index and metrics and logs.
+shards (the CRF is the cost); rank 0 writes the index and metrics and logs.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from wsss import distributed, tracking
+from wsss import checkpoint, distributed, provenance, tracking
 from wsss.cam import CamStore
 from wsss.config import Params
 from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError
-from wsss.io import read_image, read_json, read_mask, write_json, write_mask_png
+from wsss.io import read_image, read_json, read_mask, write_json
 from wsss.ir_labels import IrInput, ir_labels_many, label_statistics
+from wsss.shards import MASK, fill_shards, metas, resumable_dir, shard_numbers, write_index
 from wsss.stages.paths import CAMS_DIR, INDEX_FILE, IR_LABELS_DIR, PREPARED_DIR, SPLITS_DIR
 
 METRICS = Path("metrics/ir_labels.json")
@@ -46,32 +47,55 @@ def confident_ids(index: dict, cutoff: float) -> list[str]:
 TOTALS = ("fg", "bg", "ignore", "fg_checked", "bg_checked", "fg_correct", "bg_correct")
 
 
-def write_ir_labels(train, records, root: Path, staging: Path, params: Params) -> dict[str, int]:
-    """The IR labels of ``records`` into ``staging`` (this process's share under torchrun), and
-    the pixel counts of :func:`label_statistics`, summed over every process."""
-    context = distributed.current()
-    share = distributed.shard(records, context)
+def label_shard(train, shard_records, cam_store: CamStore, params: Params) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """The IR labels of one shard's images (``compute.chunk_size`` per CRF batch: memory follows it,
+    not the dataset) and the shard's meta: the pixel counts of :func:`label_statistics`."""
     totals = dict.fromkeys(TOTALS, 0)
-    store = CamStore(root / CAMS_DIR / "train")
-    size = params.compute.chunk_size  # images per CRF batch: memory follows it, not the dataset
-    for start in tqdm(range(0, len(share), size), desc="ir_labels", unit="chunk", disable=not context.is_main):
-        chunk = share[start : start + size]
+    arrays = []
+    size = params.compute.chunk_size
+    for start in range(0, len(shard_records), size):
+        chunk = shard_records[start : start + size]
         items = []
         for record in chunk:
             image = read_image(train.image_path(record))
-            cams = store.load(record.id, expected_size=image.shape[:2])
+            cams = cam_store.load(record.id, expected_size=image.shape[:2])
             items.append(IrInput(record.id, image, cams.full, cams.class_ids))
         labels = ir_labels_many(items, params.irnet.conf_fg, params.irnet.conf_bg, params.crf)
         for record in chunk:
-            write_mask_png(staging / f"{record.id}.png", labels[record.id])
             mask_path = train.mask_path(record)
             counts = label_statistics(labels[record.id], read_mask(mask_path) if mask_path else None)
             for key, value in counts.items():
                 totals[key] += value
-    if context.is_main:
-        write_json(staging / INDEX_FILE, {"confidence_cutoff": params.irnet.confidence_cutoff, "ids": [r.id for r in records]})
-    summed = distributed.all_reduce_sum(np.array([totals[key] for key in TOTALS], dtype=np.int64), context)
-    return {key: int(value) for key, value in zip(TOTALS, summed, strict=True)}
+            arrays.append({MASK: labels[record.id]})
+    return arrays, {"statistics": totals}
+
+
+def write_ir_labels(train, records, root: Path, staging: Path, params: Params) -> dict[str, int] | None:
+    """The IR labels of ``records`` as shards in ``staging`` (under torchrun each process writes its
+    share of the shards; those already there are kept: a killed run resumes). Rank 0 writes the
+    shard index and ``index.json`` and returns the pixel counts of every shard summed."""
+    context = distributed.current()
+    size = params.compute.shard_size
+    ids = [r.id for r in records]
+    mine = distributed.shard(list(range(len(shard_numbers(len(records), size)))), context)
+    cam_store = CamStore(root / CAMS_DIR / "train")
+    fill_shards(staging, ids, mine, size, lambda positions: label_shard(train, [records[p] for p in positions], cam_store, params),
+                desc="ir_labels", show=context.is_main)
+    distributed.barrier(context)
+    if not context.is_main:
+        return None
+    write_index(staging)
+    write_json(staging / INDEX_FILE, {"confidence_cutoff": params.irnet.confidence_cutoff, "ids": ids})
+    totals = dict.fromkeys(TOTALS, 0)
+    for meta in metas(staging):
+        for key in TOTALS:
+            totals[key] += meta["statistics"][key]
+    return totals
+
+
+def output_fingerprint(params: Params, hashes: dict) -> str:
+    """What the IR-label shards are made from: a partial output with another fingerprint is started afresh."""
+    return checkpoint.fingerprint(stage_params(params), hashes, provenance.code_digest(__name__), params.compute.shard_size)
 
 
 def run_ir_labels(params: Params, root: Path) -> dict | None:
@@ -81,14 +105,15 @@ def run_ir_labels(params: Params, root: Path) -> dict | None:
     index = read_json(root / CAMS_DIR / INDEX_FILE)
     kept = set(confident_ids(index, params.irnet.confidence_cutoff))
     records = [r for r in train.records if r.id in kept]
-    if not distributed.current().is_main:  # a torchrun process but rank 0: its share, nothing logged
-        with distributed.shared_atomic_dir(root / IR_LABELS_DIR) as staging:
+    context = distributed.current()
+    if not context.is_main:  # a torchrun process but rank 0: its share, nothing logged
+        with resumable_dir(root / IR_LABELS_DIR, "", context) as staging:  # rank 0 checks the fingerprint
             write_ir_labels(train, records, root, staging, params)
         return None
     hashes = tracking.input_hashes({"cams": root / CAMS_DIR, "splits": root / SPLITS_DIR, "prepared": root / PREPARED_DIR})
 
     with tracking.stage_run("ir_labels", params.tracking.experiment, stage_params(params), root=root, hashes=hashes):
-        with distributed.shared_atomic_dir(root / IR_LABELS_DIR) as staging:
+        with resumable_dir(root / IR_LABELS_DIR, output_fingerprint(params, hashes), context) as staging:
             totals = write_ir_labels(train, records, root, staging, params)
 
         pixels = totals["fg"] + totals["bg"] + totals["ignore"]

@@ -12,6 +12,7 @@ from wsss.config import Params
 from wsss.data.manifest import load_manifest
 from wsss.io import read_json, write_json
 from wsss.irnet import LAST, IrDataset, build_irnet, train_irnet
+from wsss.shards import MaskStore
 from wsss.stages.common import unfinished_run
 from wsss.stages.paths import CLASSIFIER_PATH, INDEX_FILE, IR_LABELS_DIR, IRNET_PATH, PREPARED_DIR, SPLITS_DIR
 
@@ -35,7 +36,7 @@ def run_train_irnet(params: Params, root: Path) -> dict:
     def model_and_data():
         checkpoint.seed_everything(params.seed)
         model = build_irnet(params, root / CLASSIFIER_PATH)
-        dataset = IrDataset(train, records, root / IR_LABELS_DIR, params.irnet.train_scales, params.irnet.crop_size,
+        dataset = IrDataset(train, records, MaskStore(root / IR_LABELS_DIR), params.irnet.train_scales, params.irnet.crop_size,
                             params.irnet.augmentation, params.seed)
         return model, dataset
 

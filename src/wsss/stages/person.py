@@ -23,10 +23,11 @@ from wsss.classifier import BEST, LAST, train_classifier
 from wsss.config import Params, flatten
 from wsss.crf import CrfTask, crf_many
 from wsss.errors import DataError
-from wsss.io import atomic_dir, read_image, read_json, read_mask, write_json, write_mask_png
+from wsss.io import atomic_dir, read_image, read_json, read_mask, write_json
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.models.classifier import classifier_state, load_trained_classifier
 from wsss.person import merge_person, person_view, shows_person
+from wsss.shards import MASK, MaskStore, shard_name, shard_numbers, write_index, write_shard
 from wsss.stages.common import load_splits, unfinished_run
 from wsss.stages.paths import INDEX_FILE, PREPARED_DIR, SPLITS_DIR
 
@@ -136,9 +137,9 @@ def run_person_masks(params: Params, root: Path, masks_dir: Path, out_dir: Path,
                 (staging / split).mkdir()
                 merged, changed = {}, []
                 person_store = CamStore(root / PERSON_CAMS / split)
+                mask_store = MaskStore(root / masks_dir / split)
                 for record in manifest.records:
-                    mask_path = root / masks_dir / split / f"{record.id}.png"
-                    mask = read_mask(mask_path)
+                    mask = mask_store.load(record.id)
                     try:
                         probability = float(index["probability"][split][record.id])
                     except KeyError:
@@ -156,8 +157,11 @@ def run_person_masks(params: Params, root: Path, masks_dir: Path, out_dir: Path,
                 if config.post_crf and changed:
                     tasks = [CrfTask(r.id, read_image(manifest.image_path(r)), merged[r.id]) for r in changed]
                     merged.update(dict(crf_many(tasks, params.crf)))
+                for number, positions in enumerate(shard_numbers(len(manifest.records), params.compute.shard_size)):
+                    records = [manifest.records[p] for p in positions]
+                    write_shard(staging / split / shard_name(number), [(r.id, {MASK: merged[r.id]}) for r in records])
+                write_index(staging / split)
                 for record in manifest.records:
-                    write_mask_png(staging / split / f"{record.id}.png", merged[record.id])
                     if split == "val" and record.mask is not None:
                         matrix += confusion_matrix(read_mask(manifest.mask_path(record)), merged[record.id], num_classes)
         scores = segmentation_scores(matrix)

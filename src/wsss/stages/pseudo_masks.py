@@ -1,8 +1,10 @@
-"""The ``pseudo_masks`` stage (step 2): ``pseudo_masks/{train,val}/<id>.png`` (palette PNGs) for every
-train and val image, ``metrics/pseudo_masks.json`` (val mIoU, per-class IoU: the paper's Table 2 row
+"""The ``pseudo_masks`` stage (step 2): ``pseudo_masks/{train,val}/shard-*.npz`` + ``shards.json``
+(:class:`wsss.shards.MaskStore`: one uint8 class-id map per image; a killed run resumes from its last
+complete shard) for every train and val image, ``metrics/pseudo_masks.json`` (val mIoU, per-class IoU: the paper's Table 2 row
 "IRNet"; with ``irnet.post_crf`` also the mIoU before the CRF), ``plots/pseudo_masks/per_class_iou.csv``;
 MLflow gets an overlay figure (image | CAM + CRF | pseudo mask | ground truth). Under torchrun
-each process walks its share of the images; the val confusion matrices are summed and rank 0 logs.
+each process walks its share of the shards; the val confusion matrices (in the shards' meta) are
+summed and rank 0 logs.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsss import distributed, tracking, visualize
-from wsss.cam import label_map
+from wsss import checkpoint, distributed, provenance, tracking, visualize
+from wsss.cam import CamStore, label_map
 from wsss.config import IrnetParams, Params, flatten
 from wsss.crf import crf_labels
 from wsss.data.manifest import Manifest, load_manifest
-from wsss.io import read_json, read_mask, write_csv, write_json, write_mask_png
+from wsss.io import read_image, read_json, read_mask, write_csv, write_json
 from wsss.irnet_inference import load_irnet, pseudo_masks
 from wsss.metrics import confusion_matrix, segmentation_scores
+from wsss.shards import (MASK, MaskStore, fill_shards, matrix_from_meta, matrix_meta, metas, resumable_dir, shard_numbers,
+                         write_index)
 from wsss.stages.common import background_knob
 from wsss.stages.paths import CAMS_DIR, CAMS_METRICS, CLASSIFIER_PATH, IRNET_PATH, PSEUDO_DIR, SPLITS_DIR
 
@@ -34,27 +38,69 @@ def _overlay_figure(examples: list[dict]):
     return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", "ground truth"], row_labels=[e["id"] for e in examples])
 
 
-def write_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, out_dir: Path,
-                       params: Params) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Write ``out_dir/<split>/<id>.png`` for each manifest; return the val confusion matrices
-    after and before the CRF, and the first ``cams.num_overlays`` val examples for a figure."""
-    num_classes = next(iter(manifests.values())).num_classes
+def mask_shard(model, manifest: Manifest, shard_records: list, cams: CamStore, params: Params,
+               scored: bool) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """The pseudo masks of one shard's images and the shard's meta: with ``scored`` (val) the confusion
+    matrices of its masks after and before the CRF against the ground truth."""
+    num_classes = manifest.num_classes
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     walk_matrix = np.zeros_like(matrix)
-    examples: list[dict] = []
-    for split, manifest in manifests.items():
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-        for item in pseudo_masks(model, manifest, cams_root / split, params, desc=f"pseudo masks {split}"):
-            write_mask_png(out_dir / split / f"{item.record.id}.png", item.mask)
-            if split != "val" or item.record.mask is None:
-                continue
+    arrays = []
+    for item in pseudo_masks(model, manifest.derive(shard_records), cams, params, show=False):
+        arrays.append({MASK: item.mask})
+        if scored and item.record.mask is not None:
             truth = read_mask(manifest.mask_path(item.record))
             matrix += confusion_matrix(truth, item.mask, num_classes)
             walk_matrix += confusion_matrix(truth, item.walked, num_classes)
-            if len(examples) < params.cams.num_overlays:
-                cam_crf = crf_labels(item.image, label_map(item.cams.full, item.cams.class_ids, params.cams.eval_threshold), params.crf)
-                examples.append({"id": item.record.id, "image": item.image, "cam_crf": cam_crf, "pseudo": item.mask, "truth": truth})
-    return matrix, walk_matrix, examples
+    return arrays, ({"confusion": matrix_meta(matrix), "walk_confusion": matrix_meta(walk_matrix)} if scored else {})
+
+
+def write_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, out_dir: Path,
+                       params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """The pseudo masks of each manifest as shards in ``out_dir/<split>/`` (:class:`MaskStore`; under
+    torchrun each process writes its share of the shards; shards already there are kept: a killed
+    run resumes); returns the val confusion matrices after and before the CRF, summed over the shards."""
+    context = distributed.current()
+    size = params.compute.shard_size
+    for split, manifest in manifests.items():
+        records = manifest.records
+        mine = distributed.shard(list(range(len(shard_numbers(len(records), size)))), context)
+
+        def make(positions, manifest=manifest, records=records, cams=CamStore(cams_root / split), scored=split == "val"):
+            return mask_shard(model, manifest, [records[p] for p in positions], cams, params, scored)
+
+        fill_shards(out_dir / split, [r.id for r in records], mine, size, make, desc=f"pseudo masks {split}", show=context.is_main)
+    distributed.barrier(context)
+    if context.is_main:
+        for split in manifests:
+            write_index(out_dir / split)
+    distributed.barrier(context)
+    num_classes = manifests["val"].num_classes
+    val_metas = metas(out_dir / "val")
+    return (sum((matrix_from_meta(meta["confusion"], num_classes) for meta in val_metas), np.zeros((num_classes,) * 2, np.int64)),
+            sum((matrix_from_meta(meta["walk_confusion"], num_classes) for meta in val_metas), np.zeros((num_classes,) * 2, np.int64)))
+
+
+def overlay_examples(val: Manifest, masks_dir: Path, cams_dir: Path, params: Params) -> list[dict]:
+    """The first ``cams.num_overlays`` val images with a mask: image, CAM + CRF, stored pseudo mask, truth."""
+    records = [r for r in val.records if r.mask is not None][: params.cams.num_overlays]
+    if not records:
+        return []
+    masks, cams = MaskStore(masks_dir), CamStore(cams_dir)
+    examples = []
+    for record in records:
+        image = read_image(val.image_path(record))
+        maps = cams.load(record.id, expected_size=image.shape[:2])
+        cam_crf = crf_labels(image, label_map(maps.full, maps.class_ids, params.cams.eval_threshold), params.crf)
+        examples.append({"id": record.id, "image": image, "cam_crf": cam_crf, "pseudo": masks.load(record.id, image.shape[:2]),
+                         "truth": read_mask(val.mask_path(record))})
+    return examples
+
+
+def output_fingerprint(params: Params, hashes: dict) -> str:
+    """What pseudo-mask shards are made from: a partial output with another fingerprint is started afresh."""
+    return checkpoint.fingerprint(params.irnet.model_dump(), params.crf.model_dump(), hashes, provenance.code_digest(__name__),
+                                  distributed.current().device.type, params.compute.shard_size, params.compute.chunk_size)
 
 
 def pseudo_mask_metrics(matrix: np.ndarray, walk_matrix: np.ndarray, val: Manifest, walk: IrnetParams) -> dict:
@@ -72,25 +118,16 @@ def pseudo_mask_metrics(matrix: np.ndarray, walk_matrix: np.ndarray, val: Manife
     return metrics
 
 
-def write_shared_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, out_dir: Path,
-                             params: Params) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """:func:`write_pseudo_masks` of this process's share of each manifest (all of it in a single
-    process); the val confusion matrices summed over processes."""
-    context = distributed.current()
-    shares = {split: manifest.derive(distributed.shard(manifest.records, context)) for split, manifest in manifests.items()}
-    matrix, walk_matrix, examples = write_pseudo_masks(model, shares, cams_root, out_dir, params)
-    return distributed.all_reduce_sum(matrix, context), distributed.all_reduce_sum(walk_matrix, context), examples
-
-
 def run_pseudo_masks(params: Params, root: Path) -> dict | None:
     import mlflow
 
     manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("train", "val")}
-    model = load_irnet(params, root / IRNET_PATH, root / CLASSIFIER_PATH, distributed.current().device)
-    torch.set_num_threads(distributed.current().cpu_threads())
-    if not distributed.current().is_main:  # a torchrun process but rank 0: its share, nothing logged
-        with distributed.shared_atomic_dir(root / PSEUDO_DIR) as staging:
-            write_shared_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
+    context = distributed.current()
+    model = load_irnet(params, root / IRNET_PATH, root / CLASSIFIER_PATH, context.device)
+    torch.set_num_threads(context.cpu_threads())
+    if not context.is_main:  # a torchrun process but rank 0: its share, nothing logged
+        with resumable_dir(root / PSEUDO_DIR, "", context) as staging:  # rank 0 checks the fingerprint
+            write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
         return None
     hashes = tracking.input_hashes({"irnet": root / IRNET_PATH, "cams": root / CAMS_DIR, "splits": root / SPLITS_DIR})
     walk = params.irnet
@@ -99,8 +136,9 @@ def run_pseudo_masks(params: Params, root: Path) -> dict | None:
         logged.update(flatten(params.crf.model_dump(), "crf."))
 
     with tracking.stage_run("pseudo_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
-        with distributed.shared_atomic_dir(root / PSEUDO_DIR) as staging:
-            matrix, walk_matrix, examples = write_shared_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
+        with resumable_dir(root / PSEUDO_DIR, output_fingerprint(params, hashes), context) as staging:
+            matrix, walk_matrix = write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
+        examples = overlay_examples(manifests["val"], root / PSEUDO_DIR / "val", root / CAMS_DIR / "val", params)
 
         metrics = pseudo_mask_metrics(matrix, walk_matrix, manifests["val"], walk)
         scores = segmentation_scores(matrix)

@@ -13,18 +13,18 @@ Evaluation is :mod:`wsss.stages.evaluate`'s, the summary :mod:`wsss.stages.repor
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
 from wsss import checkpoint, distributed, provenance, tracking
 from wsss.config import Params, SegmenterParams, flatten
-from wsss.data.manifest import ImageRecord, Manifest, load_manifest
+from wsss.data.manifest import Manifest, load_manifest
 from wsss.evaluation import MODES, evaluate_model, final_mode, post_crf, truth_paths
 from wsss.io import write_csv, write_json
 from wsss.models.segmenter import CLASSIFIER_ENCODER, SegmenterSpec, build_segmenter, save_segmenter
 from wsss.segmentation import LAST, SegmentationDataset, SegmenterResult, train_segmenter
+from wsss.shards import stored_masks
 from wsss.stages.common import unfinished_run
 from wsss.stages.paths import (CLASSIFIER_PATH, ORACLE_METRICS, ORACLE_PATH, PREPARED_DIR, PSEUDO_DIR, SEGMENTER_METRICS,
                                SEGMENTER_PATH, SPLITS_DIR)
@@ -58,10 +58,6 @@ def encoder_inputs(params: Params, root: Path, encoder: str | None = None) -> tu
     return params.segmenter.encoder_weights, {}
 
 
-def _paths(manifest: Manifest, records: list[ImageRecord], mask_of: Callable[[ImageRecord], Path]) -> tuple[list[Path], list[Path]]:
-    return [manifest.image_path(r) for r in records], [mask_of(r) for r in records]
-
-
 def fit_tracked(config: SegmenterParams, seed: int, spec: SegmenterSpec, dataset: SegmentationDataset, val_images: list[Path],
                 val_masks: list[Path], checkpoint_dir: Path, run_fingerprint: str, encoder_weights: str, run_id: str,
                 desc: str) -> tuple[SegmenterResult, nn.Module]:
@@ -88,11 +84,12 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
     train = load_manifest(root / SPLITS_DIR / "train.json")
     val = load_manifest(root / SPLITS_DIR / "val.json")
     if masks == "pseudo":
-        images, mask_paths = _paths(train, train.records, lambda r: root / PSEUDO_DIR / "train" / f"{r.id}.png")
+        mask_paths = stored_masks(root / PSEUDO_DIR / "train", [r.id for r in train.records])
         inputs = {"pseudo_masks": root / PSEUDO_DIR / "train", "prepared": root / PREPARED_DIR}
     else:
-        images, mask_paths = _paths(train, train.records, train.mask_path)
+        mask_paths = [train.mask_path(r) for r in train.records]
         inputs = {"prepared": root / PREPARED_DIR}
+    images = [train.image_path(r) for r in train.records]
     val_images, val_masks = truth_paths(val, "val")
     config = params.segmenter
     encoder_weights, weight_files = encoder_inputs(params, root)
