@@ -10,6 +10,10 @@ size), runs every main stage's script in order, and reads each stage's peak resi
 table: peak MiB and images/s per stage at N and 10 N, and the ratio of the peaks.
 
     python benchmarks/inference_memory.py [--images 40] [--factor 10] [--workers 0] [--keep]
+                                          [--variant MALLOC_MMAP_THRESHOLD_=1048576] [--variant-stages a,b]
+
+``--variant KEY=VALUE`` measures ``--variant-stages`` (pseudo_masks and evaluate) a second time with that environment variable (e.g.
+a glibc malloc setting, to tell the dataset's size from the allocator's fragmentation) and adds columns.
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ def images_of(root: Path, stage: str) -> int:
     return len(splits["val"]) + len(splits["test"])  # evaluate: val and test
 
 
-def run_size(scratch: Path, images: int, workers: int) -> dict[str, tuple[float, float, int]]:
+def run_size(scratch: Path, images: int, workers: int, variant: dict[str, str],
+             variant_stages: tuple[str, ...]) -> dict[str, tuple[float, float, int]]:
     root = scratch / f"n{images}"
     store = f"sqlite:///{scratch / f'mlflow-{images}.db'}"
     env = build(root, images, store, workers)
@@ -99,6 +104,10 @@ def run_size(scratch: Path, images: int, workers: int) -> dict[str, tuple[float,
         seconds, peak = measure(root, env, stage)
         results[stage] = (seconds, peak, images_of(root, stage))
         print(f"  {images} images: {stage} {seconds:.1f} s, peak {peak:.0f} MiB", flush=True)
+        if stage in variant_stages:  # the same stage again, its outputs rewritten alike
+            seconds, peak = measure(root, {**env, **variant}, stage)
+            results[f"{stage}+variant"] = (seconds, peak, images_of(root, stage))
+            print(f"  {images} images: {stage} with {variant} {seconds:.1f} s, peak {peak:.0f} MiB", flush=True)
     return results
 
 
@@ -108,10 +117,15 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=10, help="the large tree has factor x N images")
     parser.add_argument("--workers", type=int, default=0, help="compute.workers (loader processes)")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                        help="measure --variant-stages again with this environment variable")
+    parser.add_argument("--variant-stages", default="pseudo_masks,evaluate")
     args = parser.parse_args()
+    variant = dict(item.split("=", 1) for item in args.variant)
+    variant_stages = tuple(args.variant_stages.split(",")) if variant else ()
     scratch = Path(tempfile.mkdtemp(prefix="wsss-memory-"))
     small, large = args.images, args.images * args.factor
-    runs = {n: run_size(scratch, n, args.workers) for n in (small, large)}
+    runs = {n: run_size(scratch, n, args.workers, variant, variant_stages) for n in (small, large)}
     print(f"\nVOC-sized trees (~375 x 500), small networks, CPU, compute.workers {args.workers}\n")
     print(f"| stage | peak MiB, N = {small} | peak MiB, {args.factor} N = {large} | ratio | images/s at N | images/s at {args.factor} N |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -119,6 +133,10 @@ def main() -> None:
         (s1, p1, i1), (s2, p2, i2) = runs[small][stage], runs[large][stage]
         mark = " (target <= 1.2)" if stage in TARGETS else ""
         print(f"| {stage} | {p1:.0f} | {p2:.0f} | {p2 / p1:.2f}{mark} | {i1 / s1:.2f} | {i2 / s2:.2f} |")
+        if f"{stage}+variant" in runs[small]:
+            (s1, p1, i1), (s2, p2, i2) = runs[small][f"{stage}+variant"], runs[large][f"{stage}+variant"]
+            label = " ".join(f"{key}={value}" for key, value in variant.items())
+            print(f"| {stage}, {label} | {p1:.0f} | {p2:.0f} | {p2 / p1:.2f} | {i1 / s1:.2f} | {i2 / s2:.2f} |")
     if args.keep:
         print(f"\nkept: {scratch}")
     else:

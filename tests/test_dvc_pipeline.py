@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import yaml
 from conftest import REPO, make_document
 
@@ -55,3 +56,11 @@ def test_dvc_repro_split_builds_data_and_reruns_only_what_changed(tmp_path, mlfl
 
     shown = _run(["dvc", "metrics", "show", "--json"], root, env)
     assert "person_label_drop_rate_observed" in shown
+
+    # MLflow: the runs of one `dvc repro` form one group (a shared tag), each repro its own; the
+    # experiment is marked as one of model training (the MLflow 3 UI opens it on its runs)
+    runs = mlflow.search_runs(experiment_names=["wsss"], order_by=["attributes.start_time ASC"])
+    assert list(runs["tags.wsss.stage"]) == ["prepare", "split", "split"]
+    groups = list(runs["tags.wsss.pipeline_run"])
+    assert groups[0] == groups[1] and groups[2] != groups[0] and all(groups)
+    assert mlflow.get_experiment_by_name("wsss").tags["mlflow.experimentKind"] == "custom_model_development"

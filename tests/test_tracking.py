@@ -99,3 +99,39 @@ def test_lineage_hashes_are_dvc_hashes_and_come_from_the_lock_while_it_describes
     monkeypatch.undo()
     (outputs / "a.npz").write_bytes(b"first file, changed")  # another size, a later mtime
     assert tracking.input_hashes({"cams": outputs}) == {"cams": dvc_md5(outputs)} != {"cams": "0123abcd.dir"}
+
+
+def test_the_pipeline_run_id_comes_from_the_environment_or_from_the_dvc_command_above(monkeypatch):
+    """The group tag of a stage run: a ``dvc repro`` / ``dvc exp run`` ancestor is recognised in the
+    forms DVC is started in; other DVC commands and other programs are not a pipeline run."""
+    assert tracking._dvc_command(["/p/.venv/bin/python", "/p/.venv/bin/dvc", "repro", "-f"]) == ("repro",)
+    assert tracking._dvc_command(["python", "-m", "dvc", "exp", "run", "--temp", "-S", "seed=1"]) == ("exp", "run")
+    assert tracking._dvc_command(["dvc", "status"]) is None
+    assert tracking._dvc_command(["python", "-m", "pytest", "-q"]) is None
+    monkeypatch.delenv(tracking.PIPELINE_RUN_ENV, raising=False)
+    assert tracking.pipeline_run_id() is None  # pytest is not started by DVC
+    monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, "sweep-7")
+    assert tracking.pipeline_run_id() == "sweep-7"
+
+
+def test_the_pipeline_run_links_the_stage_runs_of_its_own_repro(mlflow_store, tmp_path, monkeypatch):
+    monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, "repro-1")
+    ran = {}
+    for stage in ("cams", "evaluate"):
+        with tracking.stage_run(stage, "wsss", {}, root=tmp_path) as run:
+            ran[stage] = run.info.run_id
+    monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, "repro-2")
+    with tracking.stage_run("cams", "wsss", {}, root=tmp_path) as other:
+        pass
+    monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, "repro-1")
+    with tracking.stage_run("pipeline", "wsss", {}, root=tmp_path) as pipeline:
+        linked = tracking.link_pipeline_runs(pipeline.info.run_id)
+    assert linked == {"wsss.stage_run.cams": ran["cams"], "wsss.stage_run.evaluate": ran["evaluate"]}
+    assert other.info.run_id not in linked.values()
+    assert linked.items() <= mlflow.get_run(pipeline.info.run_id).data.tags.items()
+    # what the UI's "Group by wsss.pipeline_run" shows: one group per repro
+    runs = mlflow.search_runs(experiment_names=["wsss"])
+    assert runs.groupby("tags.wsss.pipeline_run").size().to_dict() == {"repro-1": 3, "repro-2": 1}
+    monkeypatch.delenv(tracking.PIPELINE_RUN_ENV)
+    with tracking.stage_run("pipeline", "wsss", {}, root=tmp_path) as alone:
+        assert tracking.link_pipeline_runs(alone.info.run_id) == {}

@@ -8,11 +8,16 @@ Each run carries the tags ``wsss.stage``, ``wsss.git_commit``, ``wsss.git_dirty`
 ``wsss.input.<name>`` (DVC's MD5 of each input file or folder, the value ``dvc.lock`` records;
 taken from the lock where it still describes the files, see :func:`input_hashes`), how it ran (``wsss.processes``,
 ``wsss.device``, ``wsss.precision``, ``wsss.batchnorm``), plus the stage's flattened params.
+
+Every run started under one ``dvc repro`` (or ``dvc exp run``) carries the same ``wsss.pipeline_run``
+tag, so the UI's "Group by" shows each repro as one group (see :func:`pipeline_run_id`); the experiment
+carries ``mlflow.experimentKind`` so that the MLflow 3 UI opens it on its training runs, not on traces.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -23,6 +28,12 @@ from wsss.io import dvc_md5
 
 STORE_DIR = "mlruns"
 ROOT_ENV = "WSSS_PROJECT_ROOT"
+PIPELINE_RUN_ENV = "WSSS_PIPELINE_RUN"
+PIPELINE_RUN_TAG = "wsss.pipeline_run"
+# MLflow 3's UI opens an experiment by its kind: this one holds model-training runs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# the DVC commands whose stage runs form one group
+_DVC_RUNS = {("repro",), ("exp", "run"), ("exp", "exec-run"), ("queue", "start")}
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -66,12 +77,45 @@ def ensure_experiment(name: str, root: Path | None = None) -> str:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)  # note: MLflow also exports it as $MLFLOW_TRACKING_URI
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return mlflow.create_experiment(name, artifact_location=artifact_location(uri, name), tags=EXPERIMENT_KIND)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            experiment = mlflow.get_experiment_by_name(name)
+    missing = {key: value for key, value in EXPERIMENT_KIND.items() if key not in experiment.tags}
+    for key, value in missing.items():  # an experiment created before the tag existed
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def _dvc_command(cmdline: list[str]) -> tuple[str, ...] | None:
+    """The DVC subcommand of a process's command line (``dvc repro ...``, ``python -m dvc exp run ...``), or None."""
+    for position, word in enumerate(cmdline):
+        if Path(word).name == "dvc" or (word == "dvc" and position > 0 and cmdline[position - 1] == "-m"):
+            words = tuple(w for w in cmdline[position + 1 :] if not w.startswith("-"))
+            return next((command for command in _DVC_RUNS if words[: len(command)] == command), None)
+    return None
+
+
+def pipeline_run_id() -> str | None:
+    """The id of the pipeline execution this process belongs to: ``$WSSS_PIPELINE_RUN`` if set, else
+    derived from the nearest ancestor process that is a ``dvc repro`` / ``dvc exp run`` (its pid and
+    start time: every stage of one repro gets the same id, the next repro another); None for a stage
+    run by hand."""
+    if os.environ.get(PIPELINE_RUN_ENV):
+        return os.environ[PIPELINE_RUN_ENV]
+    import psutil
+
     try:
-        return mlflow.create_experiment(name, artifact_location=artifact_location(uri, name))
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-        return mlflow.get_experiment_by_name(name).experiment_id
+        process = psutil.Process().parent()
+        while process is not None:
+            if _dvc_command(process.cmdline()) is not None:
+                key = f"{process.pid}-{process.create_time():.3f}"
+                return hashlib.sha256(key.encode()).hexdigest()[:16]
+            process = process.parent()
+    except (psutil.Error, OSError):  # a parent that ended or that we may not inspect: no group
+        return None
+    return None
 
 
 def git_state(root: Path) -> tuple[str, bool | None]:
@@ -164,6 +208,9 @@ def lineage_tags(stage: str, hashes: Mapping[str, str], root: Path) -> dict[str,
             "wsss.processes": str(context.world_size), "wsss.device": str(context.device),
             "wsss.precision": context.precision, "wsss.batchnorm": context.batchnorm}
     tags.update({f"wsss.input.{name}": digest for name, digest in hashes.items()})
+    group = pipeline_run_id()
+    if group is not None:
+        tags[PIPELINE_RUN_TAG] = group
     return tags
 
 
@@ -212,3 +259,23 @@ def _run_exists(run_id: str) -> bool:
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def link_pipeline_runs(run_id: str) -> dict[str, str]:
+    """Tag the pipeline run ``run_id`` with the ids of the other runs of its group, the stages that ran
+    in the same repro: ``wsss.stage_run.<stage>`` = run id (the latest, where a stage ran twice).
+    Returns the tags set (none for a run outside a group)."""
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    group = run.data.tags.get(PIPELINE_RUN_TAG)
+    if group is None:
+        return {}
+    members = mlflow.search_runs([run.info.experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{group}'",
+                                 order_by=["attributes.start_time ASC"], output_format="list")
+    tags = {f"wsss.stage_run.{member.data.tags['wsss.stage']}": member.info.run_id
+            for member in members if member.info.run_id != run_id and "wsss.stage" in member.data.tags}
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    return tags

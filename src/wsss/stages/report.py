@@ -126,7 +126,7 @@ def run_report(params: Params, root: Path) -> dict:
     (root / REPORT).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(root / REPORT, text.encode())
     hashes = tracking.input_hashes({name: root / relative for name, relative in REPORT_INPUTS.items()})
-    with tracking.stage_run("pipeline", params.tracking.experiment, flatten(params), root=root, hashes=hashes):
+    with tracking.stage_run("pipeline", params.tracking.experiment, flatten(params), root=root, hashes=hashes) as run:
         metrics = {}
         for stage, payload in stage_metrics.items():
             metrics.update(_numbers(payload, f"{stage}."))
@@ -134,4 +134,5 @@ def run_report(params: Params, root: Path) -> dict:
         mlflow.log_metrics({name.replace("(", "").replace(")", ""): value for name, value in metrics.items()})
         mlflow.log_artifact(str(root / REPORT))
         mlflow.set_tag("wsss.kind", "pipeline")
+        tracking.link_pipeline_runs(run.info.run_id)  # the stage runs of this repro, by id
     return {"report": str(REPORT), "metrics_logged": len(metrics)}
