@@ -12,7 +12,8 @@ table: peak MiB and images/s per stage at N and 10 N, and the ratio of the peaks
     python benchmarks/inference_memory.py [--images 40] [--factor 10] [--workers 0] [--keep]
                                           [--variant MALLOC_MMAP_THRESHOLD_=1048576] [--variant-stages a,b]
 
-``--variant KEY=VALUE`` measures ``--variant-stages`` (pseudo_masks and evaluate) a second time with that environment variable (e.g.
+The profile's ``compute.mmap_threshold_mib`` (1) applies unless ``--mmap-threshold-mib`` says
+otherwise (0: glibc's moving default). ``--variant KEY=VALUE`` measures ``--variant-stages`` (pseudo_masks and evaluate) a second time with that environment variable (e.g.
 a glibc malloc setting, to tell the dataset's size from the allocator's fragmentation) and adds columns.
 """
 
@@ -63,11 +64,14 @@ print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
-def build(root: Path, images: int, store: str, workers: int) -> dict:
+def build(root: Path, images: int, store: str, workers: int, mmap_threshold_mib: int | None) -> dict:
     copy_project(root)
     train = int(round(images * 0.8))
     write_voc_tree(root / "data" / "voc", train=train, val=images - train, size=(375, 500))
-    document = paper_document({**SMALL_NETWORKS, "data.source": "voc", "data.root": "data/voc", "compute.workers": workers})
+    overrides = {**SMALL_NETWORKS, "data.source": "voc", "data.root": "data/voc", "compute.workers": workers}
+    if mmap_threshold_mib is not None:
+        overrides["compute.mmap_threshold_mib"] = mmap_threshold_mib or None
+    document = paper_document(overrides)
     (root / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
     env = command_env(store)
     env["PYTHONPATH"] = str(root / "src")  # the copy's code: edits here during a run change nothing
@@ -92,11 +96,11 @@ def images_of(root: Path, stage: str) -> int:
     return len(splits["val"]) + len(splits["test"])  # evaluate: val and test
 
 
-def run_size(scratch: Path, images: int, workers: int, variant: dict[str, str],
-             variant_stages: tuple[str, ...]) -> dict[str, tuple[float, float, int]]:
+def run_size(scratch: Path, images: int, workers: int, variant: dict[str, str], variant_stages: tuple[str, ...],
+             mmap_threshold_mib: int | None) -> dict[str, tuple[float, float, int]]:
     root = scratch / f"n{images}"
     store = f"sqlite:///{scratch / f'mlflow-{images}.db'}"
-    env = build(root, images, store, workers)
+    env = build(root, images, store, workers, mmap_threshold_mib)
     for stage in SETUP:
         measure(root, env, stage)
     results = {}
@@ -120,13 +124,17 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
                         help="measure --variant-stages again with this environment variable")
     parser.add_argument("--variant-stages", default="pseudo_masks,evaluate")
+    parser.add_argument("--mmap-threshold-mib", type=int, default=None,
+                        help="compute.mmap_threshold_mib (default: the profile's; 0: glibc's moving default)")
     args = parser.parse_args()
     variant = dict(item.split("=", 1) for item in args.variant)
     variant_stages = tuple(args.variant_stages.split(",")) if variant else ()
     scratch = Path(tempfile.mkdtemp(prefix="wsss-memory-"))
     small, large = args.images, args.images * args.factor
-    runs = {n: run_size(scratch, n, args.workers, variant, variant_stages) for n in (small, large)}
-    print(f"\nVOC-sized trees (~375 x 500), small networks, CPU, compute.workers {args.workers}\n")
+    runs = {n: run_size(scratch, n, args.workers, variant, variant_stages, args.mmap_threshold_mib) for n in (small, large)}
+    threshold = {None: "the profile's", 0: "glibc's default"}.get(args.mmap_threshold_mib, args.mmap_threshold_mib)
+    print(f"\nVOC-sized trees (~375 x 500), small networks, CPU, compute.workers {args.workers}, "
+          f"compute.mmap_threshold_mib {threshold}\n")
     print(f"| stage | peak MiB, N = {small} | peak MiB, {args.factor} N = {large} | ratio | images/s at N | images/s at {args.factor} N |")
     print("|---|---:|---:|---:|---:|---:|")
     for stage in MEASURED:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from wsss import provenance
+from wsss.config import SPEED_KNOBS
 from wsss.provenance import code_closure
 from wsss.stages import ABLATION_STAGES, STAGES
 
@@ -66,3 +67,19 @@ def test_every_stage_depends_on_the_code_it_runs(pipeline):
 
 def test_the_exempt_files_exist():
     assert all((REPO / path).is_file() for path in NOT_OUTPUT_CODE)
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_no_stage_depends_on_a_speed_knob(pipeline):
+    """A speed knob (``wsss.config.SPEED_KNOBS``: loader workers, threads, CRF processes, inference batch
+    sizes, chunk and shard sizes) is no stage's DVC param, nor inside a group a stage lists: changing
+    one re-runs nothing (tests/paper_project.py runs `dvc status` after changing them all)."""
+    stages = yaml.safe_load((REPO / pipeline).read_text())["stages"]
+    listed = {}
+    for name, stage in stages.items():
+        for entry in stage.get("params") or []:
+            keys = [entry] if isinstance(entry, str) else [key for keys in entry.values() for key in keys or []]
+            hits = [knob for key in keys for knob in SPEED_KNOBS if knob == key or knob.startswith(f"{key}.")]
+            if hits:
+                listed[name] = hits
+    assert not listed, f"{pipeline}: stages that would re-run when a speed knob changes: {listed}"

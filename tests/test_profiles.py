@@ -19,7 +19,8 @@ PARAMS_FILES = ("params.yaml", *sorted(p.relative_to(REPO).as_posix() for p in (
 
 def test_the_pipelines_name_params():
     keys = dvc_param_keys(REPO)
-    assert {"data.embedded", "segmenter", "compute.launcher", "data.root"} <= keys["dvc.yaml"]
+    assert {"data.embedded", "segmenter.encoder", "compute.launcher", "data.root"} <= keys["dvc.yaml"]
+    assert "segmenter" not in keys["dvc.yaml"] and "segmenter.workers" not in keys["dvc.yaml"]  # a speed knob
     assert "segmenter.atrous_rates" in keys["pipelines/ablation/dvc.yaml"] and "ablation.encoders" in keys["pipelines/ablation/dvc.yaml"]
     assert "sweep" in keys["pipelines/sweep/dvc.yaml"]
 

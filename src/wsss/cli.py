@@ -93,6 +93,10 @@ def _run(args: argparse.Namespace) -> None:
     root = Path(args.root).resolve() if args.root else project_root()
     params_path = Path(args.params) if Path(args.params).is_absolute() else root / args.params
     params = load_params(params_path)
+    if params.compute.mmap_threshold_mib is not None:  # before any image is decoded
+        from wsss.heap import fix_mmap_threshold
+
+        fix_mmap_threshold(params.compute.mmap_threshold_mib << 20)
     if args.command == "check-params":
         import yaml
 

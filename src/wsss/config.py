@@ -430,7 +430,10 @@ class ComputeParams(_Group):
     workers: int = Field(0, ge=0)  # loader processes that read images ahead in the inference stages (cams, evaluation)
     eval_batch_size: int = Field(16, ge=1)  # images per forward pass when a segmenter is scored (evaluate, oracle, cells)
     chunk_size: int = Field(64, ge=1)  # images held together by the random walk, IR labels and each dense-CRF pool
-    shard_size: int = Field(128, ge=1)  # images per file of the CAM outputs (wsss.shards); readers follow any size
+    shard_size: int = Field(128, ge=1)  # images per file of the inference outputs (wsss.shards); readers follow any size
+    # glibc: allocations of this many MiB or more get their own mapping (wsss.heap): peak memory stops
+    # growing with the number of image sizes seen, at a speed cost on CPU; null = glibc's moving default
+    mmap_threshold_mib: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _known_launcher(self) -> ComputeParams:
@@ -528,6 +531,15 @@ def validate_params(raw: Any, source: str | Path = "params.yaml") -> Params:
 
 DVC_PIPELINES = ("dvc.yaml", "pipelines/ablation/dvc.yaml", "pipelines/sweep/dvc.yaml")
 _ABSENT = object()
+
+
+# Keys that change how fast a stage runs, not what it computes: no stage lists them as a DVC param (nor
+# a group holding them), so changing one re-runs nothing (tests/test_dvc_deps.py). ``compute`` holds
+# only such keys but ``device``, ``precision`` and ``batchnorm`` (listed one by one by the stages they
+# change) and ``launcher``, part of the parallel stages' command (a new command re-runs the stage).
+SPEED_KNOBS = ("classifier.workers", "classifier.threads", "cams.batch_size", "crf.workers", "irnet.workers",
+               "irnet.threads", "segmenter.workers", "segmenter.threads", "compute.workers",
+               "compute.eval_batch_size", "compute.chunk_size", "compute.shard_size", "compute.mmap_threshold_mib")
 
 
 def dvc_param_keys(root: str | Path) -> dict[str, set[str]]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from wsss import checkpoint, distributed, provenance, tracking
 from wsss.cam import CamStore
-from wsss.config import Params
+from wsss.config import SPEED_KNOBS, Params
 from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError
 from wsss.io import read_image, read_json, read_mask, write_json
@@ -95,7 +95,8 @@ def write_ir_labels(train, records, root: Path, staging: Path, params: Params) -
 
 def output_fingerprint(params: Params, hashes: dict) -> str:
     """What the IR-label shards are made from: a partial output with another fingerprint is started afresh."""
-    return checkpoint.fingerprint(stage_params(params), hashes, provenance.code_digest(__name__), params.compute.shard_size)
+    made_from = {key: value for key, value in stage_params(params).items() if key not in SPEED_KNOBS}
+    return checkpoint.fingerprint(made_from, hashes, provenance.code_digest(__name__), params.compute.shard_size)
 
 
 def run_ir_labels(params: Params, root: Path) -> dict | None:

@@ -99,7 +99,8 @@ def overlay_examples(val: Manifest, masks_dir: Path, cams_dir: Path, params: Par
 
 def output_fingerprint(params: Params, hashes: dict) -> str:
     """What pseudo-mask shards are made from: a partial output with another fingerprint is started afresh."""
-    return checkpoint.fingerprint(params.irnet.model_dump(), params.crf.model_dump(), hashes, provenance.code_digest(__name__),
+    return checkpoint.fingerprint(params.irnet.model_dump(exclude={"workers", "threads"}), params.crf.model_dump(exclude={"workers"}),
+                                  hashes, provenance.code_digest(__name__),
                                   distributed.current().device.type, params.compute.shard_size, params.compute.chunk_size)
 
 
