@@ -42,6 +42,11 @@ def test_each_data_stage_logs_one_run_with_params_metrics_and_lineage(project, m
     assert split["metrics.size_train"] == metrics["sizes"]["train"]
     assert split["metrics.person_label_drop_rate_observed"] == pytest.approx(metrics["person_label_drop_rate_observed"])
     assert split["tags.wsss.input.prepared"] == prepared_hash
+    # the prepared manifest is the split's input dataset (the UI's Datasets column), DVC's MD5 as digest
+    datasets = [item.dataset for item in mlflow.get_run(split["run_id"]).inputs.dataset_inputs]
+    assert [(d.name, d.digest) for d in datasets] == [("prepared", prepared_hash)]
+    assert json.loads(datasets[0].source)["uri"] == (project / "data/prepared").resolve().as_uri()
+    assert not mlflow.get_run(prepare["run_id"]).inputs.dataset_inputs  # the raw source is not one
     client = mlflow.MlflowClient()
     assert {"train_samples.png", "manifest.json"} <= {item.path for item in client.list_artifacts(prepare["run_id"])}
     assert {"class_histogram.png", "data.json"} <= {item.path for item in client.list_artifacts(split["run_id"])}

@@ -9,7 +9,8 @@ Each run carries the tags ``wsss.stage``, ``wsss.git_commit``, ``wsss.git_dirty`
 taken from the lock where it still describes the files, see :func:`input_hashes`), how it ran (``wsss.processes``,
 ``wsss.device``, ``wsss.precision``, ``wsss.batchnorm``), plus the stage's flattened params.
 
-Every run started under one ``dvc repro`` (or ``dvc exp run``) carries the same ``wsss.pipeline_run``
+A stage that reads the prepared manifest or the splits logs them as MLflow input datasets (the UI's
+Datasets column), with DVC's MD5 as digest. Every run started under one ``dvc repro`` (or ``dvc exp run``) carries the same ``wsss.pipeline_run``
 tag, so the UI's "Group by" shows each repro as one group (see :func:`pipeline_run_id`); the experiment
 carries ``mlflow.experimentKind`` so that the MLflow 3 UI opens it on its training runs, not on traces.
 """
@@ -20,6 +21,7 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ PIPELINE_RUN_ENV = "WSSS_PIPELINE_RUN"
 PIPELINE_RUN_TAG = "wsss.pipeline_run"
 # MLflow 3's UI opens an experiment by its kind: this one holds model-training runs
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# inputs that are datasets: logged with mlflow.log_input (the UI's Datasets column), DVC's MD5 as digest
+DATASET_INPUTS = ("prepared", "splits")
 # the DVC commands whose stage runs form one group
 _DVC_RUNS = {("repro",), ("exp", "run"), ("exp", "exec-run"), ("queue", "start")}
 
@@ -185,7 +189,15 @@ def _still_locked(path: Path, entry: dict) -> bool:
         return False
 
 
-def input_hashes(inputs: Mapping[str, Path]) -> dict[str, str]:
+class InputHashes(dict):
+    """Input name -> DVC MD5, remembering each input's path (``paths``) for :func:`log_datasets`."""
+
+    def __init__(self, hashes: Mapping[str, str], paths: Mapping[str, Path]):
+        super().__init__(hashes)
+        self.paths = dict(paths)
+
+
+def input_hashes(inputs: Mapping[str, Path]) -> InputHashes:
     """DVC's MD5 of each named input file or folder: read from ``dvc.lock`` where the lock records it
     and the files still match it by size, count and modification time (a stage's inputs at LID scale
     are not read again), else computed the same way (:func:`wsss.io.dvc_md5`)."""
@@ -195,7 +207,21 @@ def input_hashes(inputs: Mapping[str, Path]) -> dict[str, str]:
         repo = _repo_root(path)
         entry = locked_outputs(repo).get(path) if repo is not None else None
         hashes[name] = entry["md5"] if entry is not None and _still_locked(path, entry) else dvc_md5(path)
-    return hashes
+    return InputHashes(hashes, {name: Path(os.path.abspath(path)) for name, path in inputs.items()})
+
+
+def log_datasets(datasets: Mapping[str, tuple[Path, str]]) -> None:
+    """Log each ``name: (path, DVC MD5)`` as an input dataset of the active run (metadata only: the
+    folder's URI and its digest; MLflow stores no data)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for name, (path, digest) in datasets.items():
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(Path(path).resolve().as_uri())
+        mlflow.log_input(MetaDataset(source, name=name, digest=digest), context="input")
 
 
 def lineage_tags(stage: str, hashes: Mapping[str, str], root: Path) -> dict[str, str]:
@@ -233,7 +259,10 @@ def stage_run(
 
     root = root or project_root()
     experiment_id = ensure_experiment(experiment, root)
-    tags = lineage_tags(stage, {**input_hashes(inputs or {}), **(hashes or {})}, root)
+    computed = input_hashes(inputs or {})
+    merged = {**computed, **(hashes or {})}
+    paths = {**computed.paths, **getattr(hashes, "paths", {})}
+    tags = lineage_tags(stage, merged, root)
     if resume_run_id is not None and not _run_exists(resume_run_id):
         resume_run_id = None
     if resume_run_id is not None:
@@ -243,6 +272,7 @@ def stage_run(
     with context as run:
         mlflow.set_tags(tags)
         mlflow.log_params({key: _param_value(value) for key, value in params.items()})
+        log_datasets({name: (paths[name], merged[name]) for name in DATASET_INPUTS if name in merged and name in paths})
         yield run
 
 
