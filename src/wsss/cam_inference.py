@@ -30,7 +30,7 @@ from wsss.data.manifest import ImageRecord, Manifest
 from wsss.errors import DataError
 from wsss.io import read_image, read_mask
 from wsss.metrics import confusion_matrix
-from wsss.shards import SHARD_SIZE, read_meta, shard_name, shard_numbers, write_index, write_shard
+from wsss.shards import SHARD_SIZE, missing_shards, read_meta, shard_name, shard_numbers, write_index, write_shard
 from wsss.models.classifier import CamClassifier
 
 
@@ -113,7 +113,7 @@ def compute_cams(model: CamClassifier, class_ids: list[int], manifest: Manifest,
     known = np.array(class_ids)
     ranges = shard_numbers(len(manifest.records), shard_size)
     numbers = list(range(len(ranges))) if shards is None else list(shards)
-    todo = [n for n in numbers if not (out_dir / shard_name(n)).is_file()]
+    todo = missing_shards(out_dir, numbers)
     shard_of = {manifest.records[i].id: n for n in todo for i in ranges[n]}
     pending = manifest.derive([manifest.records[i] for n in todo for i in ranges[n]])
     done: dict[int, dict[str, tuple[dict, dict]]] = {n: {} for n in todo}

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wsss.errors import DataError
-from wsss.io import atomic_write_bytes, read_json, write_json
+from wsss.io import atomic_write_bytes, read_json, read_mask, write_json
 
 SHARD_SIZE = 128
 INDEX = "shards.json"
@@ -275,6 +275,4 @@ def stored_masks(folder: Path, ids: Sequence[str]) -> list[StoredMask]:
 
 def load_mask(source: Path | StoredMask) -> np.ndarray:
     """A mask from a PNG file or from a :class:`MaskStore`."""
-    from wsss.io import read_mask
-
     return source.read() if isinstance(source, StoredMask) else read_mask(source)
