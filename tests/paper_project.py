@@ -238,6 +238,16 @@ def repro_and_check(root: Path, env: dict) -> dict:
     assert '"error"' not in shown.stdout and "failed" not in shown.stderr.lower(), shown.stdout[-3000:] + shown.stderr
     metrics = json.loads(shown.stdout)[""]["data"]
     assert metrics["metrics/prepare.json"]["data"]["source"] == yaml.safe_load((root / "params.yaml").read_text())["data"]["source"]
+    # `dvc exp show` has the flat headline file; the final segmenter is the registered model's newest version
+    experiments = json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout)
+    headline = experiments[0]["data"]["metrics"]["metrics/summary.json"]["data"]
+    assert {"val_cam_crf_miou", "val_pseudo_masks_miou", "val_segmentation_miou", "test_miou", "final_mode"} <= headline.keys()
+    import mlflow
+
+    from wsss import serving
+
+    newest = mlflow.MlflowClient().get_model_version_by_alias(serving.REGISTERED_NAME, serving.ALIAS)
+    assert mlflow.get_run(newest.run_id).data.tags["wsss.stage"] == "train_segmenter"
     again = run(["dvc", "repro"], root, env)
     assert "Running stage" not in again.stdout, again.stdout
     # every speed knob changed: still nothing to re-run (they are no stage's DVC params)

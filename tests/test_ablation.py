@@ -182,18 +182,26 @@ def test_dvc_repro_ablation_grid_logs_cells_renders_the_table_and_runs_only_new_
     assert (root / "models/ablation/classifier-thr-1.6-person-true/model.pt").is_file()
 
 
-def test_report_names_cells_not_run_and_cells_whose_runs_this_store_lacks(project, mlflow_store):
+def test_report_is_built_from_the_cells_tracked_metrics_without_their_mlflow_runs(project, mlflow_store):
     from wsss.stages.ablation_report import run_ablation_report
 
     params = make_params({"ablation.encoders": ["resnet18"], "ablation.thresholds": [1.6], "ablation.person": [False]})
     with pytest.raises(DataError, match="cells not run: resnet18-thr-1.6-person-no"):
         run_ablation_report(params, project)
-    cell = {"encoder": "resnet18", "threshold": 1.6, "person": False, "mlflow_run_ids": {"plain": "a" * 32, "tta": "b" * 32}}
-    (project / "metrics/ablation").mkdir(parents=True)
-    (project / "metrics/ablation/cell-resnet18-thr-1.6-person-false.json").write_text(json.dumps(cell))
-    with pytest.raises(DataError, match=r"lacks the finished runs of resnet18-thr-1.6-person-no \(TTA no\): run aaaa"):
-        run_ablation_report(params, project)  # e.g. the cell came from DVC's run cache
+    cell_file = project / "metrics/ablation/cell-resnet18-thr-1.6-person-false.json"
+    cell = {"encoder": "resnet18", "threshold": 1.6, "person": False, "output_stride": 16,
+            "mlflow_run_ids": {"plain": "a" * 32, "tta": "b" * 32}}  # runs this store never saw: a pulled or run-cache cell
+    cell_file.parent.mkdir(parents=True)
+    cell_file.write_text(json.dumps(cell))
+    with pytest.raises(DataError, match=r"cell-resnet18-thr-1.6-person-false.json: no val mIoU for 'plain'"):
+        run_ablation_report(params, project)
     assert not (project / "reports/ablation.md").exists()
+    cell["val"] = {"plain": {"miou": 0.4123, "miou_without_person": 0.45}, "tta": {"miou": 0.4321, "miou_without_person": 0.47}}
+    cell_file.write_text(json.dumps(cell))
+    assert run_ablation_report(params, project)["cells"] == 2
+    report = (project / "reports/ablation.md").read_text()
+    assert "| resnet18 | 1.6 | no | no | 41.23 | 45.00 |" in report and "| resnet18 | 1.6 | yes | no | 43.21 | 47.00 |" in report
+    assert "Output stride: resnet18 16." in report
 
 
 @pytest.mark.parametrize("out", [".", "", "ablation", "../elsewhere/masks", "/tmp/masks", ".git/objects"])

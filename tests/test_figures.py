@@ -42,3 +42,26 @@ def test_iou_bars_show_every_class_or_the_lowest_and_highest():
     assert len(axis.patches) == 80 and "40 of 201 classes" in axis.get_title()
     assert max(figure.get_size_inches()) <= MAX_INCHES
     close(figure)
+
+
+def test_figure2_legend_names_each_class_shown_in_its_palette_colour():
+    from matplotlib.colors import to_rgba
+
+    from wsss.visualize import class_legend, colorize, image_grid
+
+    class_names = ["background", "cat", "dog", "person"]
+    prediction = np.array([[0, 1], [1, 3]], dtype=np.uint8)
+    truth = np.array([[0, 1], [255, 3]], dtype=np.uint8)
+    legend = class_legend([prediction, truth], class_names)
+    assert [name for name, _ in legend] == ["background", "cat", "person", "ignore"]  # dog is not shown
+    for name, colour in legend[:-1]:
+        pixels = colorize(prediction)[prediction == class_names.index(name)]
+        assert (pixels == colour).all()  # the key's colour is the one each column paints the class with
+    image = np.zeros((2, 2, 3), dtype=np.uint8)
+    figure = image_grid([[image, colorize(prediction), colorize(truth)]], titles=["image", "prediction", "truth"], legend=legend)
+    (key,) = figure.legends
+    assert [text.get_text() for text in key.get_texts()] == ["background", "cat", "person", "ignore"]
+    assert key.legend_handles[2].get_facecolor() == to_rgba(tuple(legend[2][1] / 255))
+    grid_right = max(axis.get_position().x1 for axis in figure.axes)
+    assert grid_right < 1 - 0.9 / figure.get_size_inches()[0]  # the grid leaves the legend its own column
+    close(figure)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -167,7 +168,14 @@ def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project):
     runs = mlflow.search_runs(experiment_names=["wsss"], order_by=["attributes.start_time ASC"])
     assert list(runs["tags.wsss.stage"])[-3:] == ["ir_labels", "train_irnet", "pseudo_masks"]
     client = mlflow.MlflowClient()
-    assert len(client.get_metric_history(runs.iloc[-2]["run_id"], "total")) == irnet["steps"]  # losses per step
+    history = client.get_metric_history(runs.iloc[-2]["run_id"], "total")
+    assert len(history) == irnet["steps"]  # losses per step
+    # the dvc plot: one row per epoch, each loss its mean over the epoch's steps
+    with (root / "plots/irnet/training.csv").open(newline="") as handle:
+        curve = list(csv.DictReader(handle))
+    assert [(int(r["epoch"]), int(r["step"])) for r in curve] == [(1, irnet["steps"])]
+    assert float(curve[0]["total"]) == pytest.approx(sum(m.value for m in history) / len(history), abs=1e-5)
+    assert float(curve[0]["total"]) == pytest.approx(float(curve[0]["affinity"]) + float(curve[0]["displacement"]), abs=1e-5)
     assert "pseudo_mask_overlays.png" in {a.path for a in client.list_artifacts(runs.iloc[-1]["run_id"])}
     assert pseudo["background"] == "walk" and pseudo["post_crf"] and 0 <= pseudo["val_before_crf_miou"] <= 1
     used = yaml.safe_load((root / "params.yaml").read_text())["irnet"]["bg_weight"]

@@ -7,17 +7,18 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from conftest import make_document
 from test_step1 import STEP2
 
-from wsss import tracking
+from wsss import serving, tracking
 from wsss.cli import main
 from wsss.data.manifest import load_manifest
-from wsss.io import read_mask
+from wsss.io import read_image, read_mask
 from wsss.models.segmenter import load_segmenter
-from wsss.stages.report import summary_markdown
+from wsss.stages.report import headline_metrics, summary_markdown
 
 STEP3 = {**STEP2, "segmenter.epochs": 2, "segmenter.batch_size": 8, "segmenter.image_size": 32, "segmenter.decoder_channels": 16,
          "segmenter.threads": 1, "evaluate.tta_scales": [1.0, 0.5], "evaluate.num_figures": 2}
@@ -72,6 +73,9 @@ def test_step3_stages_train_evaluate_and_report(step2_project):
         assert (root / "plots/evaluate" / picture).stat().st_size > 1000
 
     summary = (root / "reports/summary.md").read_text()
+    headline = json.loads((root / "metrics/summary.json").read_text())
+    assert headline["test_miou"] == round(evaluate["test"]["tta_crf"]["miou"], 6)
+    assert headline["share_of_upper_bound"] == pytest.approx(evaluate["test"]["tta_crf"]["miou"] / oracle["test"]["tta_crf"]["miou"], abs=1e-5)
     assert "Table 2" in summary and "Table 1" in summary and "of the upper bound's test mIoU" in summary
     assert f"| this run, TTA + CRF | {100 * evaluate['test']['tta_crf']['miou']:.2f} |" in summary
     assert f"| Segmentation + TTA + CRF | {100 * evaluate['val']['tta_crf']['miou']:.2f} |" in summary
@@ -98,6 +102,17 @@ def test_step3_stages_train_evaluate_and_report(step2_project):
     val = load_manifest(root / "data/splits/val.json")
     assert main(["predict", "--model", str(root / "models/segmenter/model.pt"), str(val.image_path(val.records[0])), "--out", str(out)]) == 0
     assert read_mask(out / f"{val.records[0].id}.png").shape == (32, 32)
+
+    # the registered MLflow model is the final segmenter and predicts what `wsss predict` does
+    version = client.get_model_version_by_alias(serving.REGISTERED_NAME, serving.ALIAS)
+    assert version.run_id == runs.iloc[-4]["run_id"]
+    registered = mlflow.pyfunc.load_model(f"models:/{serving.REGISTERED_NAME}@{serving.ALIAS}")
+    image = read_image(val.image_path(val.records[0]))
+    assert np.array_equal(registered.predict(image), read_mask(out / f"{val.records[0].id}.png"))
+    assert registered.metadata.get_input_schema().inputs[0].shape == (-1, -1, 3)
+    models = {m.name: m for m in mlflow.search_logged_models(experiment_ids=[runs.iloc[-1]["experiment_id"]], output_format="list")}
+    assert models["upper_bound"].source_run_id == runs.iloc[-3]["run_id"]  # logged, not registered
+    assert [v.version for v in client.search_model_versions(f"name = '{serving.REGISTERED_NAME}'")] == [version.version]
 
 
 def test_oracle_without_training_masks_reports_unavailable(project, mlflow_store):
@@ -157,3 +172,21 @@ def test_summary_tables_and_the_ratio_to_the_upper_bound():
     assert "The upper bound was not scored with TTA + CRF" in stale and "of the upper bound's test mIoU" not in stale
     unavailable = summary_markdown({**metrics, "oracle": {"available": False, "reason": "no masks"}})
     assert "No upper bound: no masks." in unavailable and "of the upper bound" not in unavailable
+
+
+def test_headline_metrics_are_flat_and_follow_the_final_mode():
+    metrics = {
+        "cams": {"cam_crf": _scores(0.40)},
+        "pseudo_masks": {"val": _scores(0.45)},
+        "evaluate": {"final_mode": "tta_crf", "val": {"tta": _scores(0.52), "tta_crf": _scores(0.55)},
+                     "test": {"tta": _scores(0.51), "tta_crf": _scores(0.54)}},
+        "oracle": {"available": True, "test": {"tta": _scores(0.60), "tta_crf": _scores(0.72)}},
+    }
+    headline = headline_metrics(metrics)
+    assert headline == {"val_cam_crf_miou": 0.40, "val_pseudo_masks_miou": 0.45, "val_segmentation_miou": 0.55,
+                        "test_miou": 0.54, "test_pixel_accuracy": 0.9, "final_mode": "tta_crf",
+                        "upper_bound_test_miou": 0.72, "share_of_upper_bound": 0.75}
+    # LID: no upper bound, no keys for it (never a NaN that DVC could not read)
+    lid = headline_metrics({**metrics, "oracle": {"available": False, "reason": "no masks"}})
+    assert "upper_bound_test_miou" not in lid and "share_of_upper_bound" not in lid
+    assert "share_of_upper_bound" not in headline_metrics({**metrics, "oracle": {"available": True, "test": {"tta_crf": _scores(0.0)}}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -82,6 +83,16 @@ def test_sweep_runs_the_trials_logs_them_and_writes_the_best_values(sweep_projec
     assert study.trials[0].user_attrs["baseline"] is True
     assert best["apply"].startswith("dvc exp run -S irnet.confidence_cutoff=")
     assert (root / "sweeps/optimization_history.png").stat().st_size > 0 and (root / "sweeps/contour.png").stat().st_size > 0
+    # the dvc plot of the history: every trial, its objective (empty when pruned) and the running best
+    with (root / "sweeps/history.csv").open(newline="") as handle:
+        history = list(csv.DictReader(handle))
+    assert [int(r["trial"]) for r in history] == [t.number for t in study.trials]
+    for row, trial in zip(history, study.trials, strict=True):
+        assert row["state"] == trial.state.name
+        assert (row["objective"] == "") == (trial.state != TrialState.COMPLETE)
+        done = [t.value for t in study.trials[: trial.number + 1] if t.state == TrialState.COMPLETE]
+        assert row["best_so_far"] == ("" if not done else f"{max(done):.6f}")
+        assert float(row["irnet.threshold"]) == pytest.approx(trial.params["irnet.threshold"], rel=1e-5)
     children = _child_runs()
     assert sorted(int(r.data.tags["wsss.trial"]) for r in children) == [t.number for t in study.trials]
     parent_id = study.user_attrs["mlflow_parent_run_id"]

@@ -74,6 +74,16 @@ def test_default_store_is_sqlite_under_the_project(tmp_path, monkeypatch):
     assert uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
     assert tracking.artifact_location(uri, "wsss") == (tmp_path / "mlruns/artifacts/wsss").resolve().as_uri()
     assert tracking.artifact_location("http://127.0.0.1:5000", "wsss") is None
+    # a copy that `dvc exp run --temp` or a queue worker runs in logs to the project's store, not its own
+    (tmp_path / ".dvc").mkdir()
+    copy = tmp_path / ".dvc/tmp/exps/tmpk2x9/pipelines"
+    copy.mkdir(parents=True)
+    assert tracking.store_root(copy.parent) == tracking.store_root(copy) == tmp_path.resolve()
+    assert tracking.tracking_uri(copy.parent) == uri
+    assert tracking.store_root(tmp_path / ".dvc/tmp") == (tmp_path / ".dvc/tmp").resolve()  # not inside an experiment copy
+    elsewhere = tmp_path / "other/tmp/exps/x"  # the same names without a DVC folder above: an ordinary project
+    elsewhere.mkdir(parents=True)
+    assert tracking.store_root(elsewhere) == elsewhere.resolve()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://u@127.0.0.1/mlflow")
     assert tracking.tracking_uri(tmp_path) == "postgresql://u@127.0.0.1/mlflow"
 

@@ -99,8 +99,8 @@ class IrDataset(Dataset):
 class IrnetResult:
     steps: int
     epochs: int
-    final_losses: dict[str, float]
-    history: list[dict] = field(default_factory=list)
+    final_losses: dict[str, float]  # the last batch's
+    history: list[dict] = field(default_factory=list)  # per epoch: epoch, step and the mean of each loss
     resumed_from: int | None = None
 
 
@@ -151,7 +151,8 @@ def train_irnet(
 
     distributed.check_resume_agrees(start_epoch, checkpoint_dir, context)
     trained = distributed.wrap_model(model, context)
-    losses: dict[str, float] = history[-1] if history else {}
+    # the last batch's losses (metrics/irnet.json's final_losses), kept by the checkpoint for a run resumed after its last epoch
+    losses: dict[str, float] = dict(state.get("last_losses", {})) if state is not None else {}
     for epoch in range(start_epoch, config.epochs + 1):
         epoch_seed = checkpoint.derive_seed(params.seed, epoch)
         checkpoint.seed_everything(epoch_seed)
@@ -159,6 +160,7 @@ def train_irnet(
         loader = distributed.training_loader(dataset, config.batch_size, True, epoch_seed, config.workers, context,
                                              key="irnet.batch_size")
         trained.train()
+        epoch_sums: dict[str, float] = {}
         for images, labels in tqdm(loader, desc=f"irnet epoch {epoch}/{config.epochs}", unit="batch", leave=False,
                                    disable=not context.is_main):
             for group in optimizer.param_groups:
@@ -172,13 +174,17 @@ def train_irnet(
                 losses = {name: distributed.all_reduce_mean(value, context) for name, value in losses.items()}
             if on_step is not None:
                 on_step(step, losses)
-        history.append({**losses, "epoch": epoch})
+            for name, value in losses.items():
+                epoch_sums[name] = epoch_sums.get(name, 0.0) + value
+        batches = max(1, len(loader))
+        history.append({"epoch": epoch, "step": step, **{name: total / batches for name, total in epoch_sums.items()}})
         if context.is_main:
             checkpoint.save(checkpoint_dir / LAST, {"fingerprint": run_fingerprint, "epoch": epoch, "step": step,
                                                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                    "history": history, **({"scaler": scaler.state_dict()} if scaler else {}),
+                                                    "history": history, "last_losses": losses,
+                                                    **({"scaler": scaler.state_dict()} if scaler else {}),
                                                     **(extra_state or {})})
         distributed.barrier(context)
         if on_epoch is not None:
             on_epoch(epoch)
-    return IrnetResult(step, config.epochs, {k: v for k, v in losses.items() if k != "epoch"}, history, resumed_from)
+    return IrnetResult(step, config.epochs, losses, history, resumed_from)

@@ -25,6 +25,7 @@ NOT_OUTPUT_CODE = {
     "wsss/config.py": "the params schema: the values a stage reads are its `params:` entries",
     "wsss/errors.py": "error types and their messages",
     "wsss/tracking.py": "MLflow runs, which are not DVC outputs",
+    "wsss/serving.py": "MLflow models, which are not DVC outputs",
     "wsss/stages/paths.py": "the layout: dvc.yaml names the same paths as outs and deps",
     "wsss/provenance.py": "finds the code; the digest it computes changes with that code",
 }

@@ -49,7 +49,7 @@ from wsss.config import Params, flatten, sweep_space_problems
 from wsss.crf import CrfTask, crf_many
 from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError, DataError, WsssError
-from wsss.io import read_image, read_json, read_mask, write_json, write_mask_png
+from wsss.io import read_image, read_json, read_mask, write_csv, write_json, write_mask_png
 from wsss.ir_labels import IrInput, ir_labels_many
 from wsss.irnet import IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
@@ -62,6 +62,7 @@ SWEEPS_DIR = Path("sweeps")
 CACHE_DIR = SWEEPS_DIR / "cache"
 BEST_PATH = SWEEPS_DIR / "best.json"
 HISTORY_PLOT = SWEEPS_DIR / "optimization_history.png"
+HISTORY_CSV = SWEEPS_DIR / "history.csv"  # the `dvc plots` curve of the optimisation history
 CONTOUR_PLOT = SWEEPS_DIR / "contour.png"
 LOCK_PATH = SWEEPS_DIR / ".ask.lock"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -474,6 +475,23 @@ def best_values(study) -> dict[str, Any]:
             "trials_failed": sum(t.state == states.FAIL for t in trials)}
 
 
+def history_rows(study) -> list[dict[str, Any]]:
+    """``sweeps/history.csv``: one row per finished trial in trial order, its state, objective (empty
+    when pruned or failed), the best objective so far and the trial's values."""
+    best, rows = None, []
+    keys = sorted({key for trial in study.get_trials(deepcopy=False) for key in trial.params})
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if not trial.state.is_finished():
+            continue
+        value = trial.value if trial.state == _states().COMPLETE else None
+        if value is not None:
+            best = value if best is None else max(best, value)
+        rows.append({"trial": trial.number, "state": trial.state.name, "objective": "" if value is None else f"{value:.6f}",
+                     "best_so_far": "" if best is None else f"{best:.6f}",
+                     **{key: "" if key not in trial.params else f"{trial.params[key]:.6g}" for key in keys}})
+    return rows
+
+
 def apply_command(values: dict[str, float]) -> str:
     """The command that reruns the pipeline with the best values (a DVC experiment)."""
     return "dvc exp run " + " ".join(f"-S {key}={value:.6g}" for key, value in sorted(values.items()))
@@ -553,6 +571,9 @@ def finish_study(params: Params, root: Path, name: str, url: str, parent_id: str
         client.log_artifact(parent_id, str(root / path))
         visualize.close(figure)
     write_json(root / BEST_PATH, best)
+    rows = history_rows(study)
+    write_csv(root / HISTORY_CSV, rows, fieldnames=list(rows[0]))
+    client.log_artifact(parent_id, str(root / HISTORY_CSV))
     client.log_artifact(parent_id, str(root / BEST_PATH))
     for key, value in best["values"].items():
         client.log_metric(parent_id, f"best.{key}", value)

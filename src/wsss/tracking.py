@@ -36,6 +36,8 @@ PIPELINE_RUN_TAG = "wsss.pipeline_run"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # inputs that are datasets: logged with mlflow.log_input (the UI's Datasets column), DVC's MD5 as digest
 DATASET_INPUTS = ("prepared", "splits")
+# where DVC runs `dvc exp run --temp` and queued experiments: <project>/.dvc/tmp/exps/<copy>
+EXPERIMENT_COPIES = (".dvc", "tmp", "exps")
 # the DVC commands whose stage runs form one group
 _DVC_RUNS = {("repro",), ("exp", "run"), ("exp", "exec-run"), ("queue", "start")}
 
@@ -52,9 +54,22 @@ def project_root(start: Path | None = None) -> Path:
     return here
 
 
+def store_root(root: Path) -> Path:
+    """The project whose MLflow store a run in ``root`` logs to: ``root`` itself, or, for a copy that
+    ``dvc exp run --temp`` or a ``dvc queue`` worker runs in (``<project>/.dvc/tmp/exps/...``), the
+    project it was copied from, so that its runs outlive the copy and sit beside the workspace's."""
+    root = Path(root).resolve()
+    for folder in root.parents:
+        dvc_folder = folder.parent.parent
+        if (dvc_folder.name, folder.parent.name, folder.name) == EXPERIMENT_COPIES and dvc_folder.is_dir():
+            return dvc_folder.parent
+    return root
+
+
 def default_tracking_uri(root: Path | None = None) -> str:
-    """The project's own store: ``sqlite:///<root>/mlruns/mlflow.db``."""
-    store = ((root or project_root()) / STORE_DIR).resolve()
+    """The project's own store: ``sqlite:///<root>/mlruns/mlflow.db`` (the outer project's for a
+    ``dvc exp`` copy, see :func:`store_root`)."""
+    store = (store_root(root or project_root()) / STORE_DIR).resolve()
     return f"sqlite:///{store / 'mlflow.db'}"
 
 

@@ -1,7 +1,8 @@
-"""The ``ablation_report`` stage: ``reports/ablation.md`` and ``reports/ablation_effects.png``
-from the ``ablation`` experiment's MLflow runs (``mlflow.search_runs``, not files): the grid as the
-paper's Table 3 with the paper's numbers beside, and the mean effect of each factor. The runs are those
-that the cells' tracked metrics name, so the table always shows the grid DVC holds."""
+"""The ``ablation_report`` stage: ``reports/ablation.md`` and ``reports/ablation_effects.png`` from the
+cells' DVC-tracked metrics (``metrics/ablation/cell-*.json``): the grid as the paper's Table 3 with the
+paper's numbers beside, and the mean effect of each factor. Built from files DVC versions, the report
+is the same after ``dvc pull`` or a run-cache restore; the cells' MLflow runs (ids in each file) remain
+the place to compare them."""
 
 from __future__ import annotations
 
@@ -33,58 +34,47 @@ PAPER_TABLE3 = {
 }
 
 
-def _cell_metrics(root: Path) -> dict[tuple, dict]:
-    """Every cell's ``metrics/ablation/cell-*.json`` (what DVC tracks), by (encoder, threshold, person)."""
+def _cell_metrics(root: Path) -> dict[tuple, tuple[Path, dict]]:
+    """Every cell's ``metrics/ablation/cell-*.json`` (what DVC tracks) with its path, by (encoder, threshold, person)."""
     cells = {}
     for path in sorted((root / METRICS_DIR).glob("cell-*.json")):
         payload = read_json(path)
         try:
-            cells[(payload["encoder"], float(payload["threshold"]), bool(payload["person"]))] = payload
+            cells[(payload["encoder"], float(payload["threshold"]), bool(payload["person"]))] = (path, payload)
         except (KeyError, TypeError, ValueError):
             raise DataError(path, "not a cell's metrics file (encoder, threshold, person missing)") from None
     return cells
 
 
 def grid_rows(params: Params, root: Path) -> list[dict]:
-    """One row per cell of the current grid (``ablation`` group) and TTA setting, from the MLflow
-    runs that the cells' tracked metrics name (``mlflow_run_ids``): a cell that has not run, or
-    whose runs are not in this MLflow store (restored from DVC's cache, run with another store),
-    raises :class:`DataError` naming it."""
-    import mlflow
-
+    """One row per cell of the current grid (``ablation`` group) and TTA setting, from the cells'
+    DVC-tracked metrics (``metrics/ablation/cell-*.json``), so the table survives ``dvc pull`` and run-cache
+    restores; each row keeps the ids of the cell's MLflow runs, where they can be compared. A cell
+    that has not run, or whose file lacks its val scores, raises :class:`DataError` naming it."""
     if params.ablation is None:
         raise ConfigError("params.yaml", [("ablation", "required key is missing (the grid's encoders and thresholds)")])
     grid = params.ablation
     cells = _cell_metrics(root)
-    wanted, not_run, strides = {}, [], {}
+    rows, not_run = [], []
     for encoder in grid.encoders:
         for threshold in grid.thresholds:
             for person in grid.person:
-                cell = next((c for (e, t, p), c in cells.items() if e == encoder and math.isclose(t, threshold) and p == person), None)
-                if cell is None or "mlflow_run_ids" not in cell:
+                found = next((c for (e, t, p), c in cells.items() if e == encoder and math.isclose(t, threshold) and p == person), None)
+                if found is None:
                     not_run.append(cell_name(encoder, threshold, person))
                     continue
-                strides[encoder] = cell.get("output_stride")  # absent in cells run before it was recorded
+                path, cell = found
                 for mode in ("plain", "tta"):
-                    wanted[cell["mlflow_run_ids"][mode]] = (encoder, threshold, mode == "tta", person)
+                    scores = cell.get("val", {}).get(mode) if isinstance(cell.get("val"), dict) else None
+                    if not isinstance(scores, dict) or not isinstance(scores.get("miou"), (int, float)):
+                        raise DataError(path, f"no val mIoU for {mode!r} (val.{mode}.miou): re-run the cell with "
+                                              f"`dvc repro -f -s pipelines/ablation/dvc.yaml:cell@{encoder}-{threshold:g}-{person}`")
+                    rows.append({"encoder": encoder, "output_stride": cell.get("output_stride"), "threshold": threshold,
+                                 "tta": mode == "tta", "person": person, "val_miou": float(scores["miou"]),
+                                 "val_miou_without_person": scores.get("miou_without_person"),
+                                 "run_id": (cell.get("mlflow_run_ids") or {}).get(mode)})
     if not_run:
         raise DataError(root / METRICS_DIR, f"cells not run: {', '.join(not_run)}: run `dvc repro pipelines/ablation/dvc.yaml`")
-    tracking.ensure_experiment(grid.experiment, root)
-    ids = ", ".join(f"'{run_id}'" for run_id in wanted)
-    runs = mlflow.search_runs(experiment_names=[grid.experiment], filter_string=f"attributes.run_id IN ({ids}) and attributes.status = 'FINISHED'",
-                              output_format="list")
-    found = {run.info.run_id: run for run in runs}
-    lost = [f"{cell_name(e, t, p)} (TTA {'yes' if tta else 'no'}): run {run_id}" for run_id, (e, t, tta, p) in wanted.items() if run_id not in found]
-    if lost:
-        raise DataError(tracking.tracking_uri(root), f"experiment {grid.experiment!r} lacks the finished runs of {'; '.join(lost)} "
-                        "(the cell came from DVC's cache or ran with another MLflow store): re-run it with "
-                        "`dvc repro -f -s pipelines/ablation/dvc.yaml:cell@<encoder>-<threshold>-<person>`")
-    rows = []
-    for run_id, (encoder, threshold, tta, person) in wanted.items():
-        metrics = found[run_id].data.metrics
-        rows.append({"encoder": encoder, "output_stride": strides[encoder], "threshold": threshold, "tta": tta, "person": person,
-                     "val_miou": metrics["val_miou"],
-                     "val_miou_without_person": metrics.get("val_miou_without_person"), "run_id": run_id})
     return rows
 
 
@@ -121,7 +111,7 @@ def ablation_markdown(rows: list[dict], threshold_key: str, tta_scales: list[flo
     threshold_title = "IRNet thr." if threshold_key == "irnet.threshold" else "IRNet bg weight"
     lines = ["# wsss: the ablation grid (the paper's Table 3)", "",
              f"Val mIoU (%) of DeepLabv3+ per cell; the threshold column sets `{threshold_key}`; TTA = mean of logits over "
-             f"image and mirror at scales {tta_scales}. Built from the MLflow runs that the cells' tracked metrics name."
+             f"image and mirror at scales {tta_scales}. Built from the cells' DVC-tracked metrics (`metrics/ablation/`)."
              + _strides_sentence(rows), "",
              f"| encoder | {threshold_title} | TTA | person | val mIoU | without the person class | paper (LID val) |",
              "|---|---:|---|---|---:|---:|---:|"]

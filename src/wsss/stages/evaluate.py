@@ -78,8 +78,9 @@ def _cell(value: float | None) -> str:
 
 
 def _figure2(params: Params, root: Path, val: Manifest, records: list[ImageRecord], predictions: list[np.ndarray], title: str):
-    """The paper's Figure 2: image | CAM + CRF | IRNet pseudo mask | DeepLabv3+ | ground truth."""
-    rows = []
+    """The paper's Figure 2: image | CAM + CRF | IRNet pseudo mask | DeepLabv3+ | ground truth, the masks in
+    solid palette colours (one colour per class in every column) with the classes shown named beside."""
+    rows, masks = [], []
     store, pseudo_store = CamStore(root / CAMS_DIR / "val"), MaskStore(root / PSEUDO_DIR / "val")  # each index read once
     for record, prediction in zip(records, predictions, strict=True):
         image = read_image(val.image_path(record))
@@ -87,6 +88,8 @@ def _figure2(params: Params, root: Path, val: Manifest, records: list[ImageRecor
         cam_crf = crf_labels(image, label_map(cams.full, cams.class_ids, params.cams.eval_threshold), params.crf)
         pseudo = pseudo_store.load(record.id, expected_size=image.shape[:2])
         truth = read_mask(val.mask_path(record))
-        rows.append([image, *(visualize.overlay(image, m) for m in (cam_crf, pseudo, prediction, truth))])
+        shown = (cam_crf, pseudo, prediction, truth)
+        rows.append([image, *(visualize.colorize(mask) for mask in shown)])
+        masks.extend(shown)
     return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", title, "ground truth"],
-                                row_labels=[r.id for r in records])
+                                row_labels=[r.id for r in records], legend=visualize.class_legend(masks, val.class_names))

@@ -1,5 +1,6 @@
-"""The ``train_irnet`` stage (step 2): ``models/irnet/model.pt``, ``metrics/irnet.json``; losses per
-step to MLflow; resumable from ``checkpoints/irnet/last.pt``. The random walk that turns IRNet's
+"""The ``train_irnet`` stage (step 2): ``models/irnet/model.pt``, ``metrics/irnet.json``, the mean losses of
+each epoch in ``plots/irnet/training.csv`` (a ``dvc plots`` curve); losses per step to MLflow; resumable
+from ``checkpoints/irnet/last.pt``. The random walk that turns IRNet's
 boundaries into pseudo masks is :mod:`wsss.stages.pseudo_masks`.
 """
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from wsss import checkpoint, distributed, provenance, tracking
 from wsss.config import Params
 from wsss.data.manifest import load_manifest
-from wsss.io import read_json, write_json
+from wsss.io import read_json, write_csv, write_json
 from wsss.irnet import LAST, IrDataset, build_irnet, train_irnet
 from wsss.shards import MaskStore
 from wsss.stages.common import unfinished_run
@@ -18,8 +19,17 @@ from wsss.stages.paths import CLASSIFIER_PATH, INDEX_FILE, IR_LABELS_DIR, IRNET_
 
 CHECKPOINT_DIR = Path("checkpoints/irnet")
 IRNET_METRICS = Path("metrics/irnet.json")
+IRNET_CURVE = Path("plots/irnet/training.csv")
+# plots/irnet/training.csv: epoch, last step, then each loss's mean over the epoch (wsss.affinity's names)
+CURVE_COLUMNS = ("epoch", "step", "total", "affinity", "displacement", "pos_fg", "pos_bg", "neg", "dp_fg", "dp_bg")
 TRAIN_KEYS = ("backbone", "backbone_weights", "train_radius", "train_scales", "crop_size", "batch_size", "epochs",
               "lr_displacement", "lr_boundary", "momentum", "weight_decay", "augmentation")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) else f"{value:.6f}"
 
 
 def run_train_irnet(params: Params, root: Path) -> dict:
@@ -53,6 +63,8 @@ def run_train_irnet(params: Params, root: Path) -> dict:
         checkpoint.save(root / IRNET_PATH, {"model": model.state_dict(), "backbone": params.irnet.backbone,
                                             "backbone_weights": params.irnet.backbone_weights})
         metrics = {"images": len(records), "samples_per_epoch": len(dataset), "steps": result.steps, "final_losses": result.final_losses}
+        write_csv(root / IRNET_CURVE, [{key: _cell(entry.get(key)) for key in CURVE_COLUMNS} for entry in result.history],
+                  fieldnames=list(CURVE_COLUMNS))
         write_json(root / IRNET_METRICS, metrics)
         mlflow.set_tag("wsss.resumed_from_epoch", str(result.resumed_from))
         mlflow.log_artifact(str(root / IRNET_METRICS))

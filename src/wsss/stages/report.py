@@ -1,5 +1,6 @@
 """The ``report`` stage: ``reports/summary.md`` (the paper's Tables 1 and 2 for this run, the gap to
-the upper bound) and one MLflow run "pipeline" with every stage's metrics and all params flattened.
+the upper bound), ``metrics/summary.json`` (a few headline numbers in one flat file, the columns of
+``dvc exp show``) and one MLflow run "pipeline" with every stage's metrics and all params flattened.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from wsss import tracking
 from wsss.config import Params, flatten
 from wsss.errors import DataError
 from wsss.evaluation import MODE_NAMES, MODES, mode_suffix
-from wsss.io import atomic_write_bytes, read_json
+from wsss.io import atomic_write_bytes, read_json, write_json
 from wsss.stages.paths import EVALUATE_METRICS, ORACLE_METRICS, SEGMENTER_METRICS
 
 REPORT = Path("reports/summary.md")
+SUMMARY = Path("metrics/summary.json")
 # The paper's numbers (LID 2020), for orientation beside this run's.
 PAPER_TABLE2_VAL = {"cam_crf": 0.3106, "irnet": 0.3187, "segmentation_tta": 0.3964}
 PAPER_TABLE1_TEST = {"miou": 0.3734, "mean_accuracy": 0.5487, "pixel_accuracy": 0.8364}
@@ -93,6 +95,28 @@ def summary_markdown(stage_metrics: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def headline_metrics(stage_metrics: dict[str, dict]) -> dict[str, float | str]:
+    """The flat ``metrics/summary.json``: each step on val (Table 2), the final model on test (Table 1) and
+    its share of the upper bound's, under the final post-processing (``final_mode``); the upper bound's
+    keys only where it exists (not on LID)."""
+    evaluate, oracle = stage_metrics["evaluate"], stage_metrics.get("oracle", {})
+    final = evaluate.get("final_mode", "tta")
+    headline: dict[str, float | str] = {
+        "val_cam_crf_miou": stage_metrics["cams"]["cam_crf"]["miou"],
+        "val_pseudo_masks_miou": stage_metrics["pseudo_masks"]["val"]["miou"],
+        "val_segmentation_miou": evaluate["val"][final]["miou"],
+        "test_miou": evaluate["test"][final]["miou"],
+        "test_pixel_accuracy": evaluate["test"][final]["pixel_accuracy"],
+        "final_mode": final,
+    }
+    if oracle.get("available") and final in oracle.get("test", {}):
+        upper = oracle["test"][final]["miou"]
+        headline["upper_bound_test_miou"] = upper
+        if upper > 0:
+            headline["share_of_upper_bound"] = evaluate["test"][final]["miou"] / upper
+    return {key: round(value, 6) if isinstance(value, float) else value for key, value in headline.items()}
+
+
 REPORT_INPUTS = {"prepare": "metrics/prepare.json", "data": "metrics/data.json", "classifier": "metrics/classifier.json",
                  "cams": "metrics/cams.json", "ir_labels": "metrics/ir_labels.json", "irnet": "metrics/irnet.json",
                  "pseudo_masks": "metrics/pseudo_masks.json", "segmenter": str(SEGMENTER_METRICS), "oracle": str(ORACLE_METRICS),
@@ -125,6 +149,7 @@ def run_report(params: Params, root: Path) -> dict:
     text = summary_markdown(stage_metrics)
     (root / REPORT).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(root / REPORT, text.encode())
+    write_json(root / SUMMARY, headline_metrics(stage_metrics))
     hashes = tracking.input_hashes({name: root / relative for name, relative in REPORT_INPUTS.items()})
     with tracking.stage_run("pipeline", params.tracking.experiment, flatten(params), root=root, hashes=hashes) as run:
         metrics = {}
@@ -133,6 +158,7 @@ def run_report(params: Params, root: Path) -> dict:
         # MLflow metric names: letters, digits and _ - . / space
         mlflow.log_metrics({name.replace("(", "").replace(")", ""): value for name, value in metrics.items()})
         mlflow.log_artifact(str(root / REPORT))
+        mlflow.log_artifact(str(root / SUMMARY))
         mlflow.set_tag("wsss.kind", "pipeline")
         tracking.link_pipeline_runs(run.info.run_id)  # the stage runs of this repro, by id
     return {"report": str(REPORT), "metrics_logged": len(metrics)}

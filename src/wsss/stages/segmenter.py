@@ -8,6 +8,8 @@
   TTA). Data without training masks (LID) gets ``{"available": false}``, no model and a training
   curve of no epochs.
 
+Each run logs its model file as an MLflow pyfunc model (:mod:`wsss.serving`): ``segmenter`` (registered as
+a new version of ``wsss-segmenter``, alias ``newest``) and ``upper_bound``.
 Evaluation is :mod:`wsss.stages.evaluate`'s, the summary :mod:`wsss.stages.report`'s.
 """
 
@@ -17,11 +19,11 @@ from pathlib import Path
 
 from torch import nn
 
-from wsss import checkpoint, distributed, provenance, tracking
+from wsss import checkpoint, distributed, provenance, serving, tracking
 from wsss.config import Params, SegmenterParams, flatten
 from wsss.data.manifest import Manifest, load_manifest
 from wsss.evaluation import MODES, evaluate_model, final_mode, post_crf, truth_paths
-from wsss.io import write_csv, write_json
+from wsss.io import read_image, write_csv, write_json
 from wsss.models.segmenter import CLASSIFIER_ENCODER, SegmenterSpec, build_segmenter, save_segmenter
 from wsss.segmentation import LAST, SegmentationDataset, SegmenterResult, train_segmenter
 from wsss.shards import stored_masks
@@ -33,6 +35,8 @@ SEGMENTER_CURVE = Path("plots/segmenter/training.csv")
 ORACLE_CURVE = Path("plots/oracle/training.csv")
 CURVE_COLUMNS = ("epoch", "loss", "val_miou", "lr")  # plots/{segmenter,oracle}/training.csv
 _NOT_IN_FINGERPRINT = {"workers", "threads"}  # how fast, not what is computed
+# the MLflow model of each stage's run; the final one is registered (wsss.serving.REGISTERED_NAME)
+MLFLOW_MODEL_NAMES = {"pseudo": "segmenter", "truth": "upper_bound"}
 
 
 def _segmenter_params(params: Params) -> dict:
@@ -113,6 +117,8 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
                                     encoder_weights, run.info.run_id, desc=stage)
         model_path = root / (SEGMENTER_PATH if masks == "pseudo" else ORACLE_PATH)
         save_segmenter(model_path, model, spec, extra={"trained_on": masks, "best_epoch": result.best_epoch})
+        serving.log_segmenter_model(model_path, MLFLOW_MODEL_NAMES[masks], serving.example_image(read_image(val_images[0])),
+                                    register=masks == "pseudo")
         curve = [dict(zip(CURVE_COLUMNS, (r.epoch, f"{r.loss:.6f}", f"{r.val_miou:.6f}", f"{r.lr:.6g}"), strict=True)) for r in result.history]
         write_csv(root / (SEGMENTER_CURVE if masks == "pseudo" else ORACLE_CURVE), curve)
         metrics = {"trained_on": f"{masks} masks", "train_images": len(images), "best_epoch": result.best_epoch,
