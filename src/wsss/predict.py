@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from wsss.config import CrfParams
 from wsss.errors import DataError, WsssError
+from wsss.serving import DEFAULT_TTA_SCALES  # the served model's default too: both give the same masks
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-DEFAULT_TTA_SCALES = (0.5, 1.0, 2.0)
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USER_ERROR = 0, 1, 2
 OVERLAY_SUFFIX = "_overlay"
 

@@ -24,7 +24,7 @@ REGISTERED_NAME = "wsss-segmenter"
 ALIAS = "newest"  # MLflow reserves "latest"
 WEIGHTS_ARTIFACT = "segmenter"
 MODEL_CODE = Path(__file__).with_name("serving_model.py")
-DEFAULT_TTA_SCALES = (0.5, 1.0, 2.0)  # as wsss predict
+DEFAULT_TTA_SCALES = (0.5, 1.0, 2.0)  # wsss predict's default as well (each scale with its mirror)
 # what loading the model imports; the versions are this environment's
 _REQUIREMENTS = ("torch", "torchvision", "segmentation-models-pytorch", "timm", "numpy", "pydensecrf2", "pydantic",
                  "pillow", "scikit-image", "mlflow")

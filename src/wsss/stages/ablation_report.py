@@ -64,8 +64,9 @@ def grid_rows(params: Params, root: Path) -> list[dict]:
                     not_run.append(cell_name(encoder, threshold, person))
                     continue
                 path, cell = found
+                val = cell.get("val") if isinstance(cell.get("val"), dict) else {}
                 for mode in ("plain", "tta"):
-                    scores = cell.get("val", {}).get(mode) if isinstance(cell.get("val"), dict) else None
+                    scores = val.get(mode)
                     if not isinstance(scores, dict) or not isinstance(scores.get("miou"), (int, float)):
                         raise DataError(path, f"no val mIoU for {mode!r} (val.{mode}.miou): re-run the cell with "
                                               f"`dvc repro -f -s pipelines/ablation/dvc.yaml:cell@{encoder}-{threshold:g}-{person}`")
