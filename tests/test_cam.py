@@ -125,3 +125,34 @@ def test_labelled_cams_upsample_only_the_wanted_classes_and_equal_all_class_maps
     for row, indices in enumerate(wanted):
         assert full[row].shape == (len(indices), 24, 20) and stride4[row].shape == (len(indices), 6, 5)
         assert torch.equal(full[row], full_all[row, indices]) and torch.equal(stride4[row], stride4_all[row, indices])
+
+
+def test_predicted_labels_are_the_classes_scored_at_the_threshold_or_the_top_one():
+    from wsss.cam import predicted_labels
+
+    ids = np.array([5, 1, 3])
+    assert predicted_labels(np.array([0.2, 0.9, 0.5]), ids, 0.5) == (1, 3)  # sorted class ids, >= the threshold
+    assert predicted_labels(np.array([0.2, 0.1, 0.4]), ids, 0.5) == (3,)  # none passes: the top class
+    assert predicted_labels(np.array([0.2, 0.1, 0.4]), ids, 0.15) == (3, 5)
+    assert predicted_labels(np.array([]), np.array([], dtype=int), 0.5) == ()
+
+
+def test_predicted_view_replaces_the_labels_by_the_stored_scores_predictions(tmp_path):
+    from pathlib import Path
+
+    from wsss.cam import CamStore, ImageCams, cams_arrays
+    from wsss.cam_inference import predicted_view
+    from wsss.data.manifest import ImageRecord, Manifest
+    from wsss.shards import write_index, write_shard
+
+    records = tuple(ImageRecord(f"i{n}", "val", f"i{n}.png", f"m{n}.png", (1,), (1,)) for n in range(3))
+    manifest = Manifest("embedded", ("background", "a", "b", "c"), None, records, Path(tmp_path))
+    scores = [np.array([0.9, 0.1, 0.7]), np.array([0.1, 0.2, 0.3]), np.array([0.4, 0.6, 0.1])]
+    ids = np.array([1, 2, 3])
+    write_shard(tmp_path / "cams/shard-00000.npz",
+                [(r.id, cams_arrays(ImageCams(np.array([1]), np.zeros((1, 2, 2)), np.zeros((1, 8, 8)), s, ids, 0.5)))
+                 for r, s in zip(records, scores, strict=True)])
+    write_index(tmp_path / "cams")
+    view = predicted_view(manifest, CamStore(tmp_path / "cams"), 0.5)
+    assert [r.labels for r in view.records] == [(1, 3), (3,), (2,)]
+    assert [r.mask for r in view.records] == [r.mask for r in records]  # scored against the same masks

@@ -235,7 +235,9 @@ def test_each_stage_under_torchrun_matches_one_process(two_projects):
     assert two["cam"]["miou"] == pytest.approx(one["cam"]["miou"], abs=1e-6)
     assert two["cam_crf"]["miou"] == pytest.approx(one["cam_crf"]["miou"], abs=1e-6)
     index_one, index_two = (json.loads((root / "cams/index.json").read_text()) for root in (single, parallel))
-    for split in ("train", "val"):
+    assert two["val_predicted"]["cam_crf"]["miou"] == pytest.approx(one["val_predicted"]["cam_crf"]["miou"], abs=1e-6)
+    assert index_two["predicted_labels"] == index_one["predicted_labels"]
+    for split in ("train", "val", "val_predicted"):
         assert [(e["id"], e["labels"]) for e in index_two["images"][split]] == [(e["id"], e["labels"]) for e in index_one["images"][split]]
         assert [e["confidence"] for e in index_two["images"][split]] == pytest.approx([e["confidence"] for e in index_one["images"][split]])
     _adopt(single, parallel, "cams")
@@ -255,10 +257,14 @@ def test_each_stage_under_torchrun_matches_one_process(two_projects):
         assert two["final_losses"][name] == pytest.approx(value, rel=TOLERANCE["irnet_losses"], abs=1e-6), name
     _adopt(single, parallel, "models/irnet")
 
+    _single("person-classifier", single, env)  # one process (a small binary classifier); its CAMs merge into the masks
+    _adopt(single, parallel, "cams_person")
     _single("pseudo-masks", single, env)
     _torchrun("pseudo-masks", parallel, env)
     _same_files(single / "pseudo_masks", parallel / "pseudo_masks")
     assert _metrics(parallel, "pseudo_masks")["val"]["miou"] == pytest.approx(_metrics(single, "pseudo_masks")["val"]["miou"], abs=1e-6)
+    assert _metrics(parallel, "pseudo_masks")["val_predicted"]["miou"] == pytest.approx(
+        _metrics(single, "pseudo_masks")["val_predicted"]["miou"], abs=1e-6)
     _adopt(single, parallel, "pseudo_masks")
 
     # step 3: DeepLabv3+ (training)

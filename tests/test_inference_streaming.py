@@ -161,3 +161,35 @@ def test_mask_shards_fill_only_what_is_missing_and_feed_a_loader_with_worker_pro
         bad[1]
     with pytest.raises(DataError, match="no shard holds image 'img5'"):
         MaskStore(tmp_path / "bad").load("img5")
+
+
+def test_cams_on_other_labels_copy_the_maps_a_store_has_and_compute_only_the_rest(tmp_path, monkeypatch):
+    """val on its predicted labels: an image whose classes all have a map on its image labels is copied
+    (per-class maps of one image do not depend on the other classes), the others are computed."""
+    import wsss.cam_inference as cam_inference
+
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", num_outputs=2, extra_convs=1).eval()
+    manifest = varied_manifest(tmp_path)
+    both = manifest.derive([r.with_labels((1, 2)) for r in manifest.records])
+    params = CamParams(scales=[1.0, 0.5], batch_size=2)
+    compute_cams(model, [1, 2], both, tmp_path / "both", params, shard_size=4)
+    # labels 1 and 2 on every image in the store: one class or the other is a subset, so nothing is computed
+    computed: list[int] = []
+    original = cam_inference.labelled_cams
+    monkeypatch.setattr(cam_inference, "labelled_cams", lambda m, images, s, w: computed.append(len(w)) or original(m, images, s, w))
+    copied = compute_cams(model, [1, 2], manifest, tmp_path / "copied", params, shard_size=4, reuse=CamStore(tmp_path / "both"))
+    assert computed == []
+    fresh = compute_cams(model, [1, 2], manifest, tmp_path / "fresh", params, shard_size=4)
+    assert sum(computed) == len(manifest.records) and [s.labels for s in copied] == [s.labels for s in fresh]
+    for summary_copied, summary_fresh in zip(copied, fresh, strict=True):
+        assert summary_copied.confidence == pytest.approx(summary_fresh.confidence, abs=1e-5)
+    stores = CamStore(tmp_path / "copied"), CamStore(tmp_path / "fresh")
+    for record in manifest.records:
+        a, b = (store.load(record.id) for store in stores)
+        assert a.class_ids.tolist() == list(record.labels) and np.allclose(a.full, b.full, atol=2e-3)
+    # a class the store has no map of: that image is computed
+    computed.clear()
+    partial = manifest.derive([r.with_labels((1,)) if i else r.with_labels((1, 2)) for i, r in enumerate(manifest.records)])
+    compute_cams(model, [1, 2], partial, tmp_path / "partial", params, shard_size=4, reuse=CamStore(tmp_path / "copied"))
+    assert sum(computed) == sum(1 for i, r in enumerate(manifest.records) if i == 0 or 1 not in r.labels)

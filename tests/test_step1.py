@@ -99,6 +99,22 @@ def test_stages_write_metrics_cams_and_mlflow_runs(split_project):
         assert set(entry["labels"]) == set(record.labels)  # a map for every labelled (trained) class
         assert 0 <= entry["confidence"] <= 1
 
+    # val once more, on the classes the classifier predicts (not its image labels): the same maps for a class
+    # both have, scored on its own, and the labels' quality
+    val = load_manifest(root / "data/splits/val.json")
+    assert index["predicted_label_threshold"] == 0.5 and set(index["predicted_labels"]) == {r.id for r in val.records}
+    labelled, predicted = CamStore(root / "cams/val"), CamStore(root / "cams/val_predicted")
+    for record in val.records:
+        guess, truth = predicted.load(record.id), labelled.load(record.id)
+        expected = [c for c, s in zip(truth.score_class_ids, truth.scores, strict=True) if s >= 0.5] \
+            or [int(truth.score_class_ids[np.argmax(truth.scores)])]
+        assert list(guess.class_ids) == index["predicted_labels"][record.id] == sorted(expected)
+        for position, class_id in enumerate(guess.class_ids):
+            if class_id in truth.class_ids:
+                assert np.allclose(guess.full[position], truth.full[list(truth.class_ids).index(class_id)], atol=2e-3)
+    assert set(cams["val_predicted"]) == {"threshold", "cam", "cam_crf", "labels"}
+    assert 0 <= cams["val_predicted"]["cam_crf"]["miou"] <= 1 and 0 <= cams["val_predicted"]["labels"]["exact_share"] <= 1
+
     runs = mlflow.search_runs(experiment_names=["wsss"], order_by=["attributes.start_time ASC"])
     assert list(runs["tags.wsss.stage"]) == ["prepare", "split", "train_classifier", "cams"]
     client = mlflow.MlflowClient()
@@ -108,6 +124,7 @@ def test_stages_write_metrics_cams_and_mlflow_runs(split_project):
     artifacts = {a.path for a in client.list_artifacts(runs.iloc[3]["run_id"])}
     assert {"cam_overlays.png", "per_class_iou.png", "cams.json"} <= artifacts
     assert runs.iloc[3]["metrics.cam_crf_miou"] == pytest.approx(cams["cam_crf"]["miou"])
+    assert runs.iloc[3]["metrics.cam_crf_miou_predicted_labels"] == pytest.approx(cams["val_predicted"]["cam_crf"]["miou"])
 
 
 def test_missing_or_broken_cams_are_named(split_project, tmp_path):
@@ -133,10 +150,11 @@ def test_missing_or_broken_cams_are_named(split_project, tmp_path):
 
 
 STEP2 = {**STEP1, "irnet.confidence_cutoff": 0.0, "irnet.epochs": 1, "irnet.batch_size": 8, "irnet.crop_size": 32,
-         "irnet.train_radius": 3, "irnet.infer_radius": 3, "irnet.exp_times": 3, "irnet.train_scales": [1.0, 0.5]}
+         "irnet.train_radius": 3, "irnet.infer_radius": 3, "irnet.exp_times": 3, "irnet.train_scales": [1.0, 0.5],
+         "person.merge": False, "person.epochs": 1}  # the merge: its own test below (and step 3's, end to end)
 
 
-def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project):
+def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project, capsys):
     root = split_project
     (root / "params.yaml").write_text(yaml.safe_dump(make_document(STEP2)))
     for stage in ("train-classifier", "cams", "ir-labels", "train-irnet", "pseudo-masks"):
@@ -177,16 +195,75 @@ def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project):
     assert float(curve[0]["total"]) == pytest.approx(sum(m.value for m in history) / len(history), abs=1e-5)
     assert float(curve[0]["total"]) == pytest.approx(float(curve[0]["affinity"]) + float(curve[0]["displacement"]), abs=1e-5)
     assert "pseudo_mask_overlays.png" in {a.path for a in client.list_artifacts(runs.iloc[-1]["run_id"])}
-    assert pseudo["background"] == "walk" and pseudo["post_crf"] and 0 <= pseudo["val_before_crf_miou"] <= 1
+    assert pseudo["background"] == "walk" and pseudo["post_crf"] and 0 <= pseudo["val"]["before_crf_miou"] <= 1
     used = yaml.safe_load((root / "params.yaml").read_text())["irnet"]["bg_weight"]
     assert pseudo["bg_weight"] == used and "threshold" not in pseudo  # the background knob in use only
+
+    _check_person_merge(root, capsys)
 
     # the paper's way: a constant background plane, no CRF after the walk
     (root / "params.yaml").write_text(yaml.safe_dump(make_document({**STEP2, "irnet.background": "plane", "irnet.post_crf": False})))
     assert main(["pseudo-masks", "--root", str(root)]) == 0
     plane = json.loads((root / "metrics/pseudo_masks.json").read_text())
-    assert plane["background"] == "plane" and "val_before_crf_miou" not in plane
+    assert plane["background"] == "plane" and "before_crf_miou" not in plane["val"]
     assert "threshold" in plane and "bg_weight" not in plane
     masks = MaskStore(root / "pseudo_masks" / "val")
     for record in val.records:
         assert set(np.unique(masks.load(record.id))) <= {0, *record.labels}
+    # val once more with the labels the classifier predicts (cams/index.json), not the image labels
+    predicted_labels = json.loads((root / "cams/index.json").read_text())["predicted_labels"]
+    predicted = MaskStore(root / "pseudo_masks" / "val_predicted")
+    for record in val.records:
+        assert set(np.unique(predicted.load(record.id))) <= {0, *predicted_labels[record.id]}
+    assert 0 <= plane["val_predicted"]["miou"] <= 1 and "gain_over_cam_crf" in plane["val_predicted"]
+    assert plane["person_merge"] is False and "before_person_merge_miou" not in plane["val"]
+
+
+def _check_person_merge(root: Path, capsys) -> None:
+    """person.merge, after the step-2 stages: the person classifier's CAMs turn background pixels of the
+    images that show a person into person; val decides by its image labels, val_predicted by the person
+    classifier, the training images by their noisy labels or the classifier."""
+    from wsss.shards import MaskStore
+
+    unmerged = {split: MaskStore(root / "pseudo_masks" / split) for split in ("train", "val", "val_predicted")}
+    unmerged = {split: {i: store.load(i) for i in store.reader.index} for split, store in unmerged.items()}
+    person_index = root / "cams_person/index.json"
+    assert not person_index.exists()
+    (root / "params.yaml").write_text(yaml.safe_dump(make_document({**STEP2, "person.merge": True,
+                                                                    "person.cam_threshold": 0.2, "person.presence_threshold": 0.05})))
+    assert main(["pseudo-masks", "--root", str(root)]) == 2  # no person CAMs yet: named, no output replaced
+    assert "cams_person/index.json: no person CAMs: run the person_classifier stage first" in capsys.readouterr().err
+    assert MaskStore(root / "pseudo_masks/val").load(next(iter(unmerged["val"]))).shape == (32, 32)
+    # person CAMs as the person_classifier stage stores them (made up: its training is tested elsewhere): the
+    # left half of every image, P(person) 0.9 or 0.01 in turn
+    from wsss.cam import ImageCams, cams_arrays
+    from wsss.shards import write_index, write_shard
+
+    manifests = {"train": load_manifest(root / "data/splits/train.json"), "val": load_manifest(root / "data/splits/val.json")}
+    person = manifests["val"].person_class
+    left = np.zeros((1, 32, 32))
+    left[..., :16] = 1.0
+    probability = {}
+    for split, manifest in manifests.items():
+        probability[split] = {r.id: 0.9 if i % 2 else 0.01 for i, r in enumerate(manifest.records)}
+        arrays = cams_arrays(ImageCams(np.array([person]), left[:, ::4, ::4], left, np.array([0.5]), np.array([person]), 0.5))
+        write_shard(root / "cams_person" / split / "shard-00000.npz", [(r.id, arrays) for r in manifest.records])
+        write_index(root / "cams_person" / split)
+    person_index.write_text(json.dumps({"class_id": person, "probability": probability}))
+    assert main(["pseudo-masks", "--root", str(root)]) == 0
+    decided = {"train": lambda r: person in r.source_labels or probability["train"][r.id] >= 0.05,
+               "val": lambda r: person in r.labels, "val_predicted": lambda r: probability["val"][r.id] >= 0.05}
+    for split, shows in decided.items():
+        store = MaskStore(root / "pseudo_masks" / split)
+        with_person = 0
+        for record in manifests["val" if split == "val_predicted" else "train" if split == "train" else "val"].records:
+            mask = store.load(record.id)
+            if not shows(record):
+                assert np.array_equal(mask, unmerged[split][record.id])  # untouched
+            with_person += int((mask == person).any())
+            assert (mask == person).any() <= shows(record)
+        assert with_person > 0, split
+    pseudo = json.loads((root / "metrics/pseudo_masks.json").read_text())
+    assert pseudo["person_merge"] is True
+    for split in ("val", "val_predicted"):
+        assert pseudo[split]["iou"]["coat"] > 0 and 0 <= pseudo[split]["before_person_merge_miou"] <= 1

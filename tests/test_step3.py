@@ -20,14 +20,14 @@ from wsss.io import read_image, read_mask
 from wsss.models.segmenter import load_segmenter
 from wsss.stages.report import headline_metrics, summary_markdown
 
-STEP3 = {**STEP2, "segmenter.epochs": 2, "segmenter.batch_size": 8, "segmenter.image_size": 32, "segmenter.decoder_channels": 16,
+STEP3 = {**STEP2, "person.merge": True, "segmenter.epochs": 2, "segmenter.batch_size": 8, "segmenter.image_size": 32, "segmenter.decoder_channels": 16,
          "segmenter.threads": 1, "evaluate.tta_scales": [1.0, 0.5], "evaluate.num_figures": 2}
 
 
 @pytest.fixture
 def step2_project(project: Path, mlflow_store) -> Path:
     (project / "params.yaml").write_text(yaml.safe_dump(make_document(STEP3)))
-    for stage in ("prepare", "split", "train-classifier", "cams", "ir-labels", "train-irnet", "pseudo-masks"):
+    for stage in ("prepare", "split", "train-classifier", "cams", "person-classifier", "ir-labels", "train-irnet", "pseudo-masks"):
         assert main([stage, "--root", str(project)]) == 0, stage
     return project
 
@@ -140,14 +140,18 @@ def _scores(miou: float) -> dict:
 
 def test_summary_tables_and_the_ratio_to_the_upper_bound():
     metrics = {
-        "cams": {"cam_crf": _scores(0.40)},
-        "pseudo_masks": {"val": _scores(0.45)},
+        "cams": {"cam_crf": _scores(0.40), "val_predicted": {"cam_crf": _scores(0.35)}},
+        "pseudo_masks": {"val": _scores(0.45), "val_predicted": _scores(0.42)},
         "evaluate": {"val": {"plain": _scores(0.50), "tta": _scores(0.52)}, "test": {"plain": _scores(0.48), "tta": _scores(0.51)}},
         "oracle": {"available": True, "test": {"tta": _scores(0.60)}},
     }
     text = summary_markdown(metrics)
-    assert "| Classification + CRF | 40.00 | 45.00 | 31.06 |" in text
-    assert "| Segmentation + TTA | 52.00 | 57.00 | 39.64 |" in text
+    assert "| Classification + CRF | 40.00 | 35.00 | 40.00 | 31.06 |" in text  # image labels, predicted labels, the same without person
+    assert "| IRNet (pseudo masks) | 45.00 | 42.00 | 47.00 | 31.87 |" in text
+    assert "| Segmentation + TTA | 52.00 | 52.00 | 57.00 | 39.64 |" in text  # the segmenter needs no labels: one value
+    assert ("Each step improves on the last (predicted labels, no CRF after the segmenter: Classification + CRF < IRNet (pseudo masks) "
+            "< Segmentation + TTA): "
+            "**yes** (35.00, 42.00, 52.00)") in text
     assert "| this run, TTA | 51.00 | 61.00 | 90.00 |" in text
     assert "**85.00 %** of the upper bound's test mIoU; 86.15 % without the person class" in text
     assert "CRF" not in text.split("## Table 1")[1].split("Per-class IoU")[0]
@@ -158,7 +162,11 @@ def test_summary_tables_and_the_ratio_to_the_upper_bound():
                                    "test": {**metrics["evaluate"]["test"], "tta_crf": _scores(0.54)}},
            "oracle": {"available": True, "test": {"tta": _scores(0.60), "tta_crf": _scores(0.72)}}}
     text = summary_markdown(crf)
-    assert "| Segmentation + TTA + CRF | 55.00 | 60.00 |  |" in text and "| Segmentation + TTA | 52.00 | 57.00 | 39.64 |" in text
+    assert "| Segmentation + TTA + CRF | 55.00 | 55.00 | 60.00 |  |" in text and "| Segmentation + TTA | 52.00 | 52.00 | 57.00 | 39.64 |" in text
+    # the ordering is read on the predicted labels and without the CRF after the segmenter
+    below = {**crf, "pseudo_masks": {"val": _scores(0.45), "val_predicted": _scores(0.53), "person_merge": True}}
+    assert "| IRNet (pseudo masks), person merged | 45.00 | 53.00 |" in summary_markdown(below)
+    assert "**no** (35.00, 53.00, 52.00)" in summary_markdown(below)
     table1 = text.split("## Table 1")[1].split("## Weak")[0]
     assert table1.index("| this run, TTA + CRF | 54.00 |") < table1.index("| this run, TTA | 51.00 |") < table1.index("no TTA")
     assert "**75.00 %** of the upper bound's test mIoU" in text and "With TTA only (no CRF on either model): 85.00 %." in text
@@ -176,16 +184,18 @@ def test_summary_tables_and_the_ratio_to_the_upper_bound():
 
 def test_headline_metrics_are_flat_and_follow_the_final_mode():
     metrics = {
-        "cams": {"cam_crf": _scores(0.40)},
-        "pseudo_masks": {"val": _scores(0.45)},
+        "cams": {"cam_crf": _scores(0.40), "val_predicted": {"cam_crf": _scores(0.35)}},
+        "pseudo_masks": {"val": _scores(0.45), "val_predicted": _scores(0.42)},
         "evaluate": {"final_mode": "tta_crf", "val": {"tta": _scores(0.52), "tta_crf": _scores(0.55)},
                      "test": {"tta": _scores(0.51), "tta_crf": _scores(0.54)}},
         "oracle": {"available": True, "test": {"tta": _scores(0.60), "tta_crf": _scores(0.72)}},
     }
     headline = headline_metrics(metrics)
-    assert headline == {"val_cam_crf_miou": 0.40, "val_pseudo_masks_miou": 0.45, "val_segmentation_miou": 0.55,
-                        "test_miou": 0.54, "test_pixel_accuracy": 0.9, "final_mode": "tta_crf",
-                        "upper_bound_test_miou": 0.72, "share_of_upper_bound": 0.75}
+    assert headline == {"val_cam_crf_miou": 0.35, "val_pseudo_masks_miou": 0.42, "val_cam_crf_miou_image_labels": 0.40,
+                        "val_pseudo_masks_miou_image_labels": 0.45, "val_segmentation_tta_miou": 0.52, "val_segmentation_miou": 0.55,
+                        "table2_ordering_holds": True, "test_miou": 0.54, "test_pixel_accuracy": 0.9, "final_mode": "tta_crf",
+                        "upper_bound_test_miou": 0.72, "share_of_upper_bound": 0.75,
+                        "share_of_upper_bound_without_person": round(0.59 / 0.77, 6)}
     # LID: no upper bound, no keys for it (never a NaN that DVC could not read)
     lid = headline_metrics({**metrics, "oracle": {"available": False, "reason": "no masks"}})
     assert "upper_bound_test_miou" not in lid and "share_of_upper_bound" not in lid

@@ -128,6 +128,17 @@ def confidence_score(scores: np.ndarray, score_class_ids: np.ndarray, labels: np
     return float(scores[wanted].min()) if wanted.any() else 0.0
 
 
+def predicted_labels(scores: np.ndarray, score_class_ids: np.ndarray, threshold: float) -> tuple[int, ...]:
+    """The classes an image is predicted to show: those scored ``>= threshold``, or the top-scored one
+    when none is (every image of these datasets shows an object); empty only without scores."""
+    if len(scores) == 0:
+        return ()
+    chosen = np.flatnonzero(scores >= threshold)
+    if len(chosen) == 0:
+        chosen = np.array([int(np.argmax(scores))])
+    return tuple(sorted(int(score_class_ids[i]) for i in chosen))
+
+
 def label_map(maps: np.ndarray, class_ids: np.ndarray, background_threshold: float) -> np.ndarray:
     """Argmax over ``[background plane at threshold, maps...]`` -> dataset class ids (uint8)."""
     height, width = maps.shape[-2:]

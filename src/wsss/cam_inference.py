@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from wsss import augment
-from wsss.cam import CamStore, ImageCams, cams_arrays, confidence_score, label_map, labelled_cams, normalise
+from wsss.cam import CamStore, ImageCams, cams_arrays, confidence_score, label_map, labelled_cams, normalise, predicted_labels
 from wsss.config import CamParams, CrfParams
 from wsss.crf import crf_refined
 from wsss.data.manifest import ImageRecord, Manifest
@@ -97,16 +97,28 @@ def same_size_batches(items: Iterable[tuple[ImageRecord, np.ndarray]], batch_siz
     yield from (group for group in by_size.values() if group)
 
 
+def _reused(stored: ImageCams, wanted: np.ndarray, known: np.ndarray, labels: tuple[int, ...]) -> ImageCams | None:
+    """``stored``'s maps of the classes ``known[wanted]``, if it has them all (per-class normalised maps of
+    one image do not depend on which other classes are computed with them), else None."""
+    rows = [np.flatnonzero(stored.class_ids == class_id) for class_id in known[wanted]]
+    if any(len(row) == 0 for row in rows) or not np.array_equal(stored.score_class_ids, known):
+        return None
+    rows = np.array([row[0] for row in rows], dtype=np.int64)
+    return ImageCams(known[wanted], stored.stride4[rows], stored.full[rows], stored.scores, known,
+                     confidence_score(stored.scores, known, np.array(labels)))
+
+
 def compute_cams(model: CamClassifier, class_ids: list[int], manifest: Manifest, out_dir: Path, params: CamParams,
                  device: torch.device | None = None, desc: str = "cams", workers: int = 0,
-                 shards: Sequence[int] | None = None, shard_size: int = SHARD_SIZE) -> list[CamSummary]:
+                 shards: Sequence[int] | None = None, shard_size: int = SHARD_SIZE, reuse: CamStore | None = None) -> list[CamSummary]:
     """The CAMs of ``manifest`` as shards in ``out_dir`` (:mod:`wsss.shards`): the shards numbered
     ``shards`` (all, and ``shards.json``, by default). A shard already in ``out_dir`` is kept: a killed
     run resumes where it stopped. Returns the labels and confidence of those shards' images, in order.
 
     Streamed: images are read ahead (``workers`` loader processes), batched by size
     (:func:`same_size_batches`), and only each image's labelled classes are upsampled; a shard is
-    written as soon as its last image is done."""
+    written as soon as its last image is done. ``reuse``: the same images' CAMs on other labels (per-class
+    normalised, of this classifier): an image whose classes all have a map there is copied, not computed."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,33 +131,56 @@ def compute_cams(model: CamClassifier, class_ids: list[int], manifest: Manifest,
     done: dict[int, dict[str, tuple[dict, dict]]] = {n: {} for n in todo}
     progress = tqdm(total=sum(len(ranges[n]) for n in numbers), initial=sum(len(ranges[n]) for n in numbers) - len(pending.records),
                     desc=desc, unit="img")
+
+    def finish(record: ImageRecord, cams: ImageCams) -> None:
+        number = shard_of[record.id]
+        summary = {"id": record.id, "labels": cams.class_ids.tolist(), "confidence": cams.confidence}
+        done[number][record.id] = (cams_arrays(cams), summary)
+        if len(done[number]) == len(ranges[number]):  # the shard is complete: write it, free it
+            ids = [manifest.records[i].id for i in ranges[number]]
+            write_shard(out_dir / shard_name(number), [(i, done[number][i][0]) for i in ids],
+                        {"summaries": [done[number][i][1] for i in ids]})
+            del done[number]
+
+    if reuse is not None and params.normalize == "per_class":
+        computed = []
+        for record in pending.records:
+            copied = _reused(reuse.load(record.id), np.flatnonzero(np.isin(known, record.labels)), known, record.labels)
+            if copied is None:
+                computed.append(record)
+            else:
+                finish(record, copied)
+                progress.update(1)
+        pending = manifest.derive(computed)
     for batch in same_size_batches(read_images(pending, workers), params.batch_size):
         tensor = torch.stack([augment.to_tensor(image) for _, image in batch]).to(device)
         wanted = [np.flatnonzero(np.isin(known, record.labels)) for record, _ in batch]
         logits, stride4, full = labelled_cams(model, tensor, params.scales, [torch.from_numpy(w) for w in wanted])
         scores = torch.sigmoid(logits).cpu().numpy()
         for row, (record, _) in enumerate(batch):
-            cams = ImageCams(
+            finish(record, ImageCams(
                 class_ids=known[wanted[row]],
                 stride4=normalise(stride4[row].cpu().numpy(), params.normalize),
                 full=normalise(full[row].cpu().numpy(), params.normalize),
                 scores=scores[row],
                 score_class_ids=known,
                 confidence=confidence_score(scores[row], known, np.array(record.labels)),
-            )
-            number = shard_of[record.id]
-            summary = {"id": record.id, "labels": cams.class_ids.tolist(), "confidence": cams.confidence}
-            done[number][record.id] = (cams_arrays(cams), summary)
-            if len(done[number]) == len(ranges[number]):  # the shard is complete: write it, free it
-                ids = [manifest.records[i].id for i in ranges[number]]
-                write_shard(out_dir / shard_name(number), [(i, done[number][i][0]) for i in ids],
-                            {"summaries": [done[number][i][1] for i in ids]})
-                del done[number]
+            ))
         progress.update(len(batch))
     progress.close()
     if shards is None:
         write_index(out_dir)
     return [CamSummary(**summary) for n in numbers for summary in read_meta(out_dir / shard_name(n))["summaries"]]
+
+
+def predicted_view(manifest: Manifest, store: CamStore, threshold: float) -> Manifest:
+    """``manifest`` with each image's labels replaced by the classes its stored scores predict
+    (:func:`wsss.cam.predicted_labels`): the labels steps 1-2 have on an image nobody labelled."""
+    records = []
+    for record in manifest.records:
+        cams = store.load(record.id)
+        records.append(record.with_labels(predicted_labels(cams.scores, cams.score_class_ids, threshold)))
+    return manifest.derive(records)
 
 
 @dataclass(frozen=True)

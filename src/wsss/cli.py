@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true",
                        help="continue the study of these inputs (trials a killed run left running are run again)")
     sweep.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
-    _stage_parser(subparsers, "person-classifier", "ablation: binary person classifier on the noisy person labels, its CAMs")
+    _stage_parser(subparsers, "person-classifier", "binary person classifier on the noisy person labels, its CAMs (merged by pseudo-masks)")
     masks = _stage_parser(subparsers, "ablation-masks", "ablation: pseudo masks with IRNet's background knob set to a threshold")
     masks.add_argument("--threshold", type=float, required=True)
     masks.add_argument("--out", type=Path, required=True, help="masks folder (relative to the root)")

@@ -186,7 +186,7 @@ class DataParams(_Group):
 class ClassifierParams(_Group):
     """Step 1 classifier (the ``train_classifier`` stage)."""
 
-    arch: Literal["small_cnn", "vgg16_bn_d1"]
+    arch: Literal["small_cnn", "mobilenet_v2", "vgg16_bn_d1"]
     weights: str = "none"  # none | imagenet | path to a local state dict of the backbone
     extra_convs: int = Field(4, ge=0)
     image_size: int = Field(ge=16)
@@ -211,6 +211,9 @@ class CamParams(_Group):
     eval_threshold: float = Field(0.15, gt=0, lt=1)
     batch_size: int = Field(32, ge=1)
     num_overlays: int = Field(6, ge=0)
+    # val scored a second time on the classes the classifier predicts (score >= this; its top class
+    # when none is): what steps 1-2 give on an image nobody labelled
+    predicted_label_threshold: float = Field(0.5, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _positive_scales(self) -> CamParams:
@@ -382,10 +385,12 @@ class SweepParams(_Group):
 
 
 class PersonParams(_Group):
-    """The binary person classifier of the ablation (``person_classifier`` stage) and the merge of
-    its person CAMs into pseudo masks (``person_masks`` stages). It trains like the step-1
-    classifier (the ``classifier`` group) on the noisy person labels, with its own epochs."""
+    """The binary person classifier (``person_classifier`` stage) and the merge of its person CAMs
+    into pseudo masks: in the main pipeline's ``pseudo_masks`` under ``merge``, in the ablation's
+    ``person_masks`` stages. It trains like the step-1 classifier (the ``classifier`` group) on the
+    noisy person labels, with its own epochs."""
 
+    merge: bool = False  # main pipeline: the person merged into the pseudo masks (the paper's "Person: yes")
     epochs: int = Field(10, ge=1)
     presence_threshold: float = Field(0.5, gt=0, lt=1)  # P(person) from which an image counts as showing one
     cam_threshold: float = Field(0.3, gt=0, lt=1)  # person CAM (max-normalised) from which a background pixel becomes person

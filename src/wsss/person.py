@@ -1,19 +1,25 @@
 """The person class of the ablation (the paper's Table 3, column "Person").
 
-The main pipeline drops the person labels (too often missing to trust), so its pseudo masks never
-contain the class. The ablation trains a separate binary classifier on the noisy person labels,
-takes its CAM of the person class, and merges that map into the pseudo masks: in an image that
-shows a person, background pixels whose person CAM reaches ``person.cam_threshold`` become person;
-pixels already given to another class keep it (objects in front of a person stay themselves).
+The step-1 classifier never learns the person class (its labels are too often missing to trust,
+and ``split`` drops them), so the walk's pseudo masks never contain it. A separate binary
+classifier, trained on the noisy person labels, gives a person CAM, merged into the pseudo masks
+(:class:`PersonMerge`; the main pipeline's ``pseudo_masks`` under ``person.merge``, the ablation's
+``person_masks``): in an image that shows a person, background pixels whose person CAM reaches
+``person.cam_threshold`` become person; pixels already given to another class keep it (objects in
+front of a person stay themselves); the dense CRF then refines the merged masks (``person.post_crf``).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from wsss.data.manifest import Manifest
+from wsss.config import CrfParams, PersonParams
+from wsss.data.manifest import ImageRecord, Manifest
 from wsss.errors import DataError
 
 BINARY_CLASSES = ("background", "person")
@@ -50,3 +56,68 @@ def merge_person(mask: np.ndarray, person_map: np.ndarray, person: int, cam_thre
     merged = mask.copy()
     merged[(mask == 0) & (person_map / peak >= cam_threshold)] = person
     return merged
+
+
+# Whose word decides that an image shows a person: ``noisy`` (training images: their source labels,
+# which only ever miss a person, or the person classifier), ``labels`` (val with its image labels,
+# as every other class of the val pseudo masks) or ``predicted`` (the person classifier alone: an
+# image nobody labelled)
+Presence = Literal["noisy", "labels", "predicted"]
+
+
+@dataclass(frozen=True)
+class PersonMerge:
+    """The person CAMs of a ``person_classifier`` stage (``cams_root/<split>/`` shards and its
+    ``index.json``'s probabilities) merged into pseudo masks, then refined by the dense CRF."""
+
+    cams_root: Path
+    probability: dict[str, dict[str, float]]  # split -> image id -> P(person)
+    person: int
+    config: PersonParams
+    crf: CrfParams
+
+    @classmethod
+    def of_folder(cls, cams_root: Path, person: int, config: PersonParams, crf: CrfParams) -> PersonMerge:
+        """The merge of the person CAMs a ``person_classifier`` stage wrote into ``cams_root``."""
+        from wsss.io import read_json
+
+        index_path = Path(cams_root) / "index.json"
+        if not index_path.is_file():
+            raise DataError(index_path, "no person CAMs: run the person_classifier stage first "
+                                        "(`dvc repro person_classifier`), or set person.merge: false")
+        index = read_json(index_path)
+        if not index.get("available", True) or "probability" not in index:
+            raise DataError(index_path, "no person CAMs in this folder (re-run the person_classifier stage)")
+        return cls(Path(cams_root), index["probability"], person, config, crf)
+
+    def shows_person(self, split: str, record: ImageRecord, presence: Presence) -> bool:
+        if presence == "labels":
+            return self.person in record.labels
+        try:
+            probability = float(self.probability[split][record.id])
+        except KeyError:
+            raise DataError(self.cams_root / "index.json", f"no person probability for {split} image {record.id}") from None
+        if presence == "predicted":
+            return probability >= self.config.presence_threshold
+        return shows_person(probability, record.source_labels, self.person, self.config.presence_threshold)
+
+    def apply(self, split: str, records: list[ImageRecord], image_of: Callable[[int], np.ndarray], masks: list[np.ndarray],
+              presence: Presence) -> tuple[list[np.ndarray], int]:
+        """``masks`` (of ``records``, in order) with the person merged in where the image shows one,
+        those refined by the CRF under ``person.post_crf`` (``image_of(position)``: the record's image);
+        and how many images were given a person."""
+        from wsss.cam import CamStore
+        from wsss.crf import CrfTask, crf_many
+
+        store = CamStore(self.cams_root / split)
+        merged, changed = list(masks), []
+        for position, record in enumerate(records):
+            if self.shows_person(split, record, presence):
+                person_map = store.load(record.id, expected_size=masks[position].shape).full[0]
+                merged[position] = merge_person(masks[position], person_map, self.person, self.config.cam_threshold)
+                changed.append(position)
+        if self.config.post_crf and changed:
+            tasks = [CrfTask(str(p), image_of(p), merged[p]) for p in changed]
+            for name, refined in crf_many(tasks, self.crf):
+                merged[int(name)] = refined
+        return merged, len(changed)

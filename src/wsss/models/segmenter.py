@@ -21,12 +21,16 @@ from torch import nn
 
 from wsss import checkpoint
 from wsss.errors import ConfigError, DataError
-from wsss.models.classifier import CamClassifier, _load_state_dict, build_classifier, feature_stages, load_trained_classifier
+from wsss.models.classifier import (CamClassifier, _load_state_dict, build_classifier, feature_stages, imagenet_file,
+                                    load_trained_classifier)
 
 PARAMS_FILE = "params.yaml"
 CLASSIFIER_ENCODER = "classifier"
 DEFAULT_ATROUS_RATES = (12, 24, 36)  # smp's: DeepLabv3+'s (6, 12, 18) at output stride 16, doubled for 8
-_TORCHVISION_HEAD = "fc."
+_TORCHVISION_HEAD = ("fc.", "classifier.")  # torchvision's ResNet / MobileNetV2 classifier layers: no encoder has them
+# smp encoders whose ImageNet weights are torchvision's own file, which a package installs offline
+# (wsss.models.classifier.imagenet_file): no download through the Hugging Face hub for these
+_TORCHVISION_IMAGENET_FILES = {"mobilenet_v2": "mobilenet_v2-b0353104.pth"}
 _EXAMPLE_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet-b0", "mobilenet_v2")
 
 
@@ -158,9 +162,14 @@ def build_segmenter(spec: SegmenterSpec, encoder_weights: str = "none") -> nn.Mo
 
 
 def _imagenet_encoder_state(encoder: str, output_stride: int) -> dict[str, torch.Tensor]:
-    """smp's ImageNet weights for ``encoder`` (downloaded through the Hugging Face hub)."""
+    """smp's ImageNet weights for ``encoder``: torchvision's file where one is installed, else downloaded
+    through the Hugging Face hub."""
     import segmentation_models_pytorch as smp
 
+    local = imagenet_file(_TORCHVISION_IMAGENET_FILES[encoder]) if encoder in _TORCHVISION_IMAGENET_FILES else None
+    if local is not None:
+        state = _load_state_dict(local, "segmenter.encoder_weights")
+        return {name: value for name, value in state.items() if not name.startswith(_TORCHVISION_HEAD)}
     weights: str | bool = True if encoder.startswith("tu-") else "imagenet"
     try:
         return smp.encoders.get_encoder(encoder, weights=weights, output_stride=output_stride).state_dict()

@@ -22,6 +22,7 @@ STAGES: dict[str, Callable[[Any, Path], Any]] = {
     "split": _lazy("data", "run_split"),
     "train-classifier": _lazy("classifier", "run_train_classifier"),
     "cams": _lazy("cams", "run_cams"),
+    "person-classifier": _lazy("person", "run_person_classifier"),
     "ir-labels": _lazy("ir_labels", "run_ir_labels"),
     "train-irnet": _lazy("irnet", "run_train_irnet"),
     "pseudo-masks": _lazy("pseudo_masks", "run_pseudo_masks"),
@@ -63,7 +64,6 @@ def _ablation(function: str, *names: str) -> Callable[[Any, Path, Any], Any]:
 
 
 ABLATION_STAGES: dict[str, Callable[[Any, Path, Any], Any]] = {
-    "person-classifier": _ablation("person.run_person_classifier"),
     "ablation-masks": _ablation("ablation.run_ablation_masks", "threshold", "out", "metrics"),
     "person-masks": _ablation("person.run_person_masks", "masks", "out", "metrics"),
     "ablation-cell": _ablation("ablation_cell.run_ablation_cell", "encoder", "threshold", "person", "masks", "model", "metrics"),

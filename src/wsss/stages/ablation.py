@@ -43,9 +43,9 @@ def run_ablation_masks(params: Params, root: Path, threshold: float, out_dir: Pa
     logged = {"ablation.threshold": threshold, **flatten(params.irnet.model_dump(), "irnet.")}
     with tracking.stage_run("ablation_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
         with resumable_dir(root / out_dir, output_fingerprint(params, hashes)) as staging:
-            matrix, walk_matrix = write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
+            matrices = write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
         metrics = {"threshold_key": f"irnet.{background_knob(params.irnet)}", "person": False,
-                   **pseudo_mask_metrics(matrix, walk_matrix, manifests["val"], params.irnet)}
+                   **pseudo_mask_metrics(matrices, manifests["val"], params.irnet)}
         write_json(root / metrics_path, metrics)
         mlflow.log_metrics({"pseudo_mask_miou": metrics["val"]["miou"]})
     return metrics

@@ -29,3 +29,4 @@ def background_knob(walk: IrnetParams) -> str:
 
 def cell_name(encoder: str, threshold: float, person: bool) -> str:
     return f"{encoder}-thr-{threshold:g}-person-{'yes' if person else 'no'}"
+

@@ -20,7 +20,7 @@ from wsss.figures import confusion_figure, iou_bars
 from wsss.io import read_image, read_mask, write_csv, write_json
 from wsss.models.segmenter import load_segmenter
 from wsss.shards import MaskStore
-from wsss.stages.paths import CAMS_DIR, EVALUATE_METRICS, PSEUDO_DIR, SEGMENTER_PATH, SPLITS_DIR
+from wsss.stages.paths import CAMS_DIR, EVALUATE_METRICS, PREDICTED, PSEUDO_DIR, SEGMENTER_PATH, SPLITS_DIR
 
 EVALUATE_PLOTS = Path("plots/evaluate")
 
@@ -79,9 +79,11 @@ def _cell(value: float | None) -> str:
 
 def _figure2(params: Params, root: Path, val: Manifest, records: list[ImageRecord], predictions: list[np.ndarray], title: str):
     """The paper's Figure 2: image | CAM + CRF | IRNet pseudo mask | DeepLabv3+ | ground truth, the masks in
-    solid palette colours (one colour per class in every column) with the classes shown named beside."""
+    solid palette colours (one colour per class in every column) with the classes shown named beside; steps
+    1-2 on the classes the classifier predicts, as the segmenter sees an image: without its labels."""
     rows, masks = [], []
-    store, pseudo_store = CamStore(root / CAMS_DIR / "val"), MaskStore(root / PSEUDO_DIR / "val")  # each index read once
+    # steps 1-2 as on an image nobody labelled: on the classes the classifier predicts (the segmenter's footing)
+    store, pseudo_store = CamStore(root / CAMS_DIR / PREDICTED), MaskStore(root / PSEUDO_DIR / PREDICTED)  # each index read once
     for record, prediction in zip(records, predictions, strict=True):
         image = read_image(val.image_path(record))
         cams = store.load(record.id, expected_size=image.shape[:2])
@@ -91,5 +93,5 @@ def _figure2(params: Params, root: Path, val: Manifest, records: list[ImageRecor
         shown = (cam_crf, pseudo, prediction, truth)
         rows.append([image, *(visualize.colorize(mask) for mask in shown)])
         masks.extend(shown)
-    return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", title, "ground truth"],
+    return visualize.image_grid(rows, titles=["image", "CAM + CRF\n(predicted labels)", "IRNet pseudo mask\n(predicted labels)", title, "ground truth"],
                                 row_labels=[r.id for r in records], legend=visualize.class_legend(masks, val.class_names))

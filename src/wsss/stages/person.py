@@ -17,24 +17,18 @@ import numpy as np
 import torch
 
 from wsss import checkpoint, distributed, provenance, tracking
-from wsss.cam import CamStore
 from wsss.cam_inference import compute_cams
 from wsss.classifier import BEST, LAST, train_classifier
 from wsss.config import Params, flatten
-from wsss.crf import CrfTask, crf_many
-from wsss.errors import DataError
-from wsss.io import atomic_dir, read_image, read_json, read_mask, write_json
+from wsss.io import atomic_dir, read_image, read_mask, write_json
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.models.classifier import classifier_state, load_trained_classifier
-from wsss.person import merge_person, person_view, shows_person
+from wsss.person import PersonMerge, person_view
 from wsss.shards import MASK, MaskStore, shard_name, shard_numbers, write_index, write_shard
 from wsss.stages.common import load_splits, unfinished_run
-from wsss.stages.paths import INDEX_FILE, PREPARED_DIR, SPLITS_DIR
+from wsss.stages.paths import INDEX_FILE, PERSON_CAMS, PERSON_METRICS, PERSON_MODEL, PREPARED_DIR, SPLITS_DIR
 
-PERSON_MODEL = Path("models/person_classifier/model.pt")
 PERSON_CHECKPOINTS = Path("checkpoints/person_classifier")
-PERSON_CAMS = Path("cams_person")
-PERSON_METRICS = Path("metrics/person_classifier.json")
 _NOT_IN_FINGERPRINT = {"workers", "threads"}
 NO_PERSON = "no person class (data.person_class: null): nothing to classify or merge; the grid's person cells need one"
 
@@ -124,7 +118,7 @@ def run_person_masks(params: Params, root: Path, masks_dir: Path, out_dir: Path,
         metrics = {"person": True, "available": False, "reason": NO_PERSON}
         write_json(root / metrics_path, metrics)
         return metrics
-    index = read_json(root / PERSON_CAMS / INDEX_FILE)
+    merge = PersonMerge.of_folder(root / PERSON_CAMS, person, params.person, params.crf)
     config = params.person
     num_classes = manifests["val"].num_classes
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -135,35 +129,19 @@ def run_person_masks(params: Params, root: Path, masks_dir: Path, out_dir: Path,
         with atomic_dir(root / out_dir) as staging:
             for split, manifest in manifests.items():
                 (staging / split).mkdir()
-                merged, changed = {}, []
-                person_store = CamStore(root / PERSON_CAMS / split)
                 mask_store = MaskStore(root / masks_dir / split)
-                for record in manifest.records:
-                    mask = mask_store.load(record.id)
-                    try:
-                        probability = float(index["probability"][split][record.id])
-                    except KeyError:
-                        raise DataError(root / PERSON_CAMS / INDEX_FILE, f"no person probability for {split} image {record.id}") from None
-                    # val: its labels are complete (from the masks) and, as for every other class of the
-                    # val pseudo masks, they decide; train: the noisy labels or the classifier
-                    present = (person in record.labels if split != "train"
-                               else shows_person(probability, record.source_labels, person, config.presence_threshold))
-                    if present:
-                        person_map = person_store.load(record.id, expected_size=mask.shape).full[0]
-                        mask = merge_person(mask, person_map, person, config.cam_threshold)
-                        changed.append(record)
-                    merged[record.id] = mask
-                with_person[split] = len(changed)
-                if config.post_crf and changed:
-                    tasks = [CrfTask(r.id, read_image(manifest.image_path(r)), merged[r.id]) for r in changed]
-                    merged.update(dict(crf_many(tasks, params.crf)))
-                for number, positions in enumerate(shard_numbers(len(manifest.records), params.compute.shard_size)):
-                    records = [manifest.records[p] for p in positions]
-                    write_shard(staging / split / shard_name(number), [(r.id, {MASK: merged[r.id]}) for r in records])
+                records = list(manifest.records)
+                masks = [mask_store.load(r.id) for r in records]
+                # val: its labels are complete (from the masks) and, as for every other class of the
+                # val pseudo masks, they decide; train: the noisy labels or the classifier
+                merged, with_person[split] = merge.apply(split, records, lambda p: read_image(manifest.image_path(records[p])),
+                                                         masks, "noisy" if split == "train" else "labels")
+                for number, positions in enumerate(shard_numbers(len(records), params.compute.shard_size)):
+                    write_shard(staging / split / shard_name(number), [(records[p].id, {MASK: merged[p]}) for p in positions])
                 write_index(staging / split)
-                for record in manifest.records:
+                for record, mask in zip(records, merged, strict=True):
                     if split == "val" and record.mask is not None:
-                        matrix += confusion_matrix(read_mask(manifest.mask_path(record)), merged[record.id], num_classes)
+                        matrix += confusion_matrix(read_mask(manifest.mask_path(record)), mask, num_classes)
         scores = segmentation_scores(matrix)
         metrics = {"person": True, "val": scores.as_dict(manifests["val"].class_names), "images_given_person": with_person}
         write_json(root / metrics_path, metrics)

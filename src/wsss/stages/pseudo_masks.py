@@ -24,8 +24,11 @@ from wsss.irnet_inference import load_irnet, pseudo_masks
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.shards import (MASK, MaskStore, fill_shards, matrix_from_meta, matrix_meta, metas, resumable_dir, shard_numbers,
                          write_index)
+from wsss.errors import ConfigError, DataError
+from wsss.person import PersonMerge
 from wsss.stages.common import background_knob
-from wsss.stages.paths import CAMS_DIR, CAMS_METRICS, CLASSIFIER_PATH, IRNET_PATH, PSEUDO_DIR, SPLITS_DIR
+from wsss.stages.paths import (CAMS_DIR, CAMS_METRICS, CLASSIFIER_PATH, INDEX_FILE, IRNET_PATH, PERSON_CAMS, PREDICTED, PSEUDO_DIR,
+                               SPLITS_DIR)
 
 PSEUDO_METRICS = Path("metrics/pseudo_masks.json")
 PSEUDO_PLOT = Path("plots/pseudo_masks/per_class_iou.csv")
@@ -38,36 +41,63 @@ def _overlay_figure(examples: list[dict]):
     return visualize.image_grid(rows, titles=["image", "CAM + CRF", "IRNet pseudo mask", "ground truth"], row_labels=[e["id"] for e in examples])
 
 
-def mask_shard(model, manifest: Manifest, shard_records: list, cams: CamStore, params: Params,
-               scored: bool) -> tuple[list[dict[str, np.ndarray]], dict]:
+# The splits this stage writes, and whose image labels its masks are made with: train and val their
+# own (irn's protocol for val), val_predicted the classifier's predictions (cams/val_predicted)
+SPLIT_SOURCES = {"train": "train", "val": "val", PREDICTED: "val"}
+PRESENCE = {"train": "noisy", "val": "labels", PREDICTED: "predicted"}  # who says an image shows a person
+CONFUSIONS = ("confusion", "walk_confusion", "unmerged_confusion")
+
+
+def stage_manifests(root: Path) -> dict[str, Manifest]:
+    """train, val and val with the predicted labels the ``cams`` stage chose (``cams/index.json``)."""
+    manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("train", "val")}
+    index = read_json(root / CAMS_DIR / INDEX_FILE)
+    try:
+        predicted = index["predicted_labels"]
+        manifests[PREDICTED] = manifests["val"].derive([r.with_labels(tuple(predicted[r.id])) for r in manifests["val"].records])
+    except KeyError as error:
+        raise DataError(root / CAMS_DIR / INDEX_FILE, f"no predicted labels for val image {error} (re-run the cams stage)") from None
+    return manifests
+
+
+def mask_shard(model, manifest: Manifest, shard_records: list, cams: CamStore, params: Params, scored: bool,
+               merge: tuple[PersonMerge, str, str] | None = None) -> tuple[list[dict[str, np.ndarray]], dict]:
     """The pseudo masks of one shard's images and the shard's meta: with ``scored`` (val) the confusion
-    matrices of its masks after and before the CRF against the ground truth."""
+    matrices of its masks against the ground truth: final, of the walk alone (before any CRF) and,
+    with ``merge`` (the person merge, its person-CAM split and presence rule), before the merge."""
     num_classes = manifest.num_classes
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    walk_matrix = np.zeros_like(matrix)
-    arrays = []
-    for item in pseudo_masks(model, manifest.derive(shard_records), cams, params, show=False):
-        arrays.append({MASK: item.mask})
-        if scored and item.record.mask is not None:
-            truth = read_mask(manifest.mask_path(item.record))
-            matrix += confusion_matrix(truth, item.mask, num_classes)
-            walk_matrix += confusion_matrix(truth, item.walked, num_classes)
-    return arrays, ({"confusion": matrix_meta(matrix), "walk_confusion": matrix_meta(walk_matrix)} if scored else {})
+    matrices = {name: np.zeros((num_classes, num_classes), dtype=np.int64) for name in CONFUSIONS}
+    items = list(pseudo_masks(model, manifest.derive(shard_records), cams, params, show=False))
+    masks = [item.mask for item in items]
+    if merge is not None:
+        person_merge, split, presence = merge
+        masks, _ = person_merge.apply(split, shard_records, lambda p: items[p].image, masks, presence)
+    if scored:
+        for item, mask in zip(items, masks, strict=True):
+            if item.record.mask is not None:
+                truth = read_mask(manifest.mask_path(item.record))
+                matrices["confusion"] += confusion_matrix(truth, mask, num_classes)
+                matrices["walk_confusion"] += confusion_matrix(truth, item.walked, num_classes)
+                matrices["unmerged_confusion"] += confusion_matrix(truth, item.mask, num_classes)
+    return [{MASK: mask} for mask in masks], ({name: matrix_meta(m) for name, m in matrices.items()} if scored else {})
 
 
-def write_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, out_dir: Path,
-                       params: Params) -> tuple[np.ndarray, np.ndarray]:
+def write_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, out_dir: Path, params: Params,
+                       merge: PersonMerge | None = None) -> dict[str, dict[str, np.ndarray]]:
     """The pseudo masks of each manifest as shards in ``out_dir/<split>/`` (:class:`MaskStore`; under
     torchrun each process writes its share of the shards; shards already there are kept: a killed
-    run resumes); returns the val confusion matrices after and before the CRF, summed over the shards."""
+    run resumes), with the person merged in under ``merge``; returns each scored split's (every one but
+    train) confusion matrices (:data:`CONFUSIONS`), summed over the shards."""
     context = distributed.current()
     size = params.compute.shard_size
     for split, manifest in manifests.items():
         records = manifest.records
         mine = distributed.shard(list(range(len(shard_numbers(len(records), size)))), context)
+        split_merge = None if merge is None else (merge, SPLIT_SOURCES[split], PRESENCE[split])
 
-        def make(positions, manifest=manifest, records=records, cams=CamStore(cams_root / split), scored=split == "val"):
-            return mask_shard(model, manifest, [records[p] for p in positions], cams, params, scored)
+        def make(positions, manifest=manifest, records=records, cams=CamStore(cams_root / split), scored=split != "train",
+                 split_merge=split_merge):
+            return mask_shard(model, manifest, [records[p] for p in positions], cams, params, scored, split_merge)
 
         fill_shards(out_dir / split, [r.id for r in records], mine, size, make, desc=f"pseudo masks {split}", show=context.is_main)
     distributed.barrier(context)
@@ -76,9 +106,10 @@ def write_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, o
             write_index(out_dir / split)
     distributed.barrier(context)
     num_classes = manifests["val"].num_classes
-    val_metas = metas(out_dir / "val")
-    return (sum((matrix_from_meta(meta["confusion"], num_classes) for meta in val_metas), np.zeros((num_classes,) * 2, np.int64)),
-            sum((matrix_from_meta(meta["walk_confusion"], num_classes) for meta in val_metas), np.zeros((num_classes,) * 2, np.int64)))
+    empty = np.zeros((num_classes,) * 2, np.int64)
+    return {split: {name: sum((matrix_from_meta(meta[name], num_classes) for meta in metas(out_dir / split)), empty)
+                    for name in CONFUSIONS}
+            for split in manifests if split != "train"}
 
 
 def overlay_examples(val: Manifest, masks_dir: Path, cams_dir: Path, params: Params) -> list[dict]:
@@ -97,61 +128,97 @@ def overlay_examples(val: Manifest, masks_dir: Path, cams_dir: Path, params: Par
     return examples
 
 
-def output_fingerprint(params: Params, hashes: dict) -> str:
-    """What pseudo-mask shards are made from: a partial output with another fingerprint is started afresh."""
+def output_fingerprint(params: Params, hashes: dict, merged: bool = False) -> str:
+    """What pseudo-mask shards are made from (with ``merged``, the person merge's settings too; its CAMs are
+    in ``hashes``): a partial output with another fingerprint is started afresh."""
+    person = [params.person.model_dump(exclude={"epochs"})] if merged else []
     return checkpoint.fingerprint(params.irnet.model_dump(exclude={"workers", "threads"}), params.crf.model_dump(exclude={"workers"}),
                                   hashes, provenance.code_digest(__name__),
-                                  distributed.current().device.type, params.compute.shard_size, params.compute.chunk_size)
+                                  distributed.current().device.type, params.compute.shard_size, params.compute.chunk_size,
+                                  *person)
 
 
-def pseudo_mask_metrics(matrix: np.ndarray, walk_matrix: np.ndarray, val: Manifest, walk: IrnetParams) -> dict:
-    """``metrics/pseudo_masks.json``'s scores: val mIoU and per-class IoU (without the person class
-    too), how the masks were made (the background knob in use only: the other one does not change
-    them), and with ``walk.post_crf`` the mIoU before the CRF."""
-    scores = segmentation_scores(matrix)
-    knob = background_knob(walk)
-    metrics = {"val": scores.as_dict(val.class_names), "background": walk.background, knob: getattr(walk, knob),
-               "post_crf": walk.post_crf}
+def split_scores(matrices: dict[str, np.ndarray], val: Manifest, walk: IrnetParams, merged: bool) -> dict:
+    """One split's block of ``metrics/pseudo_masks.json``: mIoU and per-class IoU (without the person
+    class too), with ``walk.post_crf`` the mIoU of the walk alone, with ``merged`` that before the merge."""
+    scores = segmentation_scores(matrices["confusion"])
+    block = scores.as_dict(val.class_names)
     if val.person_class is not None:
-        metrics["val"]["miou_without_person"] = scores.miou_without(val.person_class)
+        block["miou_without_person"] = scores.miou_without(val.person_class)
     if walk.post_crf:
-        metrics["val_before_crf_miou"] = segmentation_scores(walk_matrix).miou
-    return metrics
+        block["before_crf_miou"] = segmentation_scores(matrices["walk_confusion"]).miou
+    if merged:
+        block["before_person_merge_miou"] = segmentation_scores(matrices["unmerged_confusion"]).miou
+    return block
+
+
+def pseudo_mask_metrics(matrices: dict[str, dict[str, np.ndarray]], val: Manifest, walk: IrnetParams, merged: bool = False) -> dict:
+    """``metrics/pseudo_masks.json``'s scores: each scored split's block (:func:`split_scores`; ``val``
+    with the image labels, irn's protocol, ``val_predicted`` with the classifier's), how the masks were
+    made (the background knob in use only: the other one does not change them) and whether the
+    person was merged in."""
+    knob = background_knob(walk)
+    metrics = {split: split_scores(split_matrices, val, walk, merged) for split, split_matrices in matrices.items()}
+    return {**metrics, "background": walk.background, knob: getattr(walk, knob), "post_crf": walk.post_crf, "person_merge": merged}
+
+
+def _merge(params: Params, root: Path, person: int | None) -> PersonMerge | None:
+    if not params.person.merge:
+        return None
+    if person is None:
+        raise ConfigError("params.yaml", [("person.merge", "true needs a person class, but data.person_class is null")])
+    return PersonMerge.of_folder(root / PERSON_CAMS, person, params.person, params.crf)
 
 
 def run_pseudo_masks(params: Params, root: Path) -> dict | None:
     import mlflow
 
-    manifests = {name: load_manifest(root / SPLITS_DIR / f"{name}.json") for name in ("train", "val")}
+    manifests = stage_manifests(root)
     context = distributed.current()
     model = load_irnet(params, root / IRNET_PATH, root / CLASSIFIER_PATH, context.device)
+    merge = _merge(params, root, manifests["val"].person_class)
     torch.set_num_threads(context.cpu_threads())
     if not context.is_main:  # a torchrun process but rank 0: its share, nothing logged
         with resumable_dir(root / PSEUDO_DIR, "", context) as staging:  # rank 0 checks the fingerprint
-            write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
+            write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params, merge)
         return None
-    hashes = tracking.input_hashes({"irnet": root / IRNET_PATH, "cams": root / CAMS_DIR, "splits": root / SPLITS_DIR})
+    hashes = tracking.input_hashes({"irnet": root / IRNET_PATH, "cams": root / CAMS_DIR, "splits": root / SPLITS_DIR,
+                                    **({"person_cams": root / PERSON_CAMS} if merge else {})})
     walk = params.irnet
-    logged = {f"irnet.{k}": getattr(walk, k) for k in WALK_KEYS}
-    if walk.post_crf:
+    logged = {**{f"irnet.{k}": getattr(walk, k) for k in WALK_KEYS}, "person.merge": params.person.merge}
+    if walk.post_crf or (merge and params.person.post_crf):
         logged.update(flatten(params.crf.model_dump(), "crf."))
+    if merge:
+        logged.update({f"person.{k}": getattr(params.person, k) for k in ("presence_threshold", "cam_threshold", "post_crf")})
 
     with tracking.stage_run("pseudo_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
-        with resumable_dir(root / PSEUDO_DIR, output_fingerprint(params, hashes), context) as staging:
-            matrix, walk_matrix = write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params)
-        examples = overlay_examples(manifests["val"], root / PSEUDO_DIR / "val", root / CAMS_DIR / "val", params)
+        with resumable_dir(root / PSEUDO_DIR, output_fingerprint(params, hashes, merge is not None), context) as staging:
+            matrices = write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params, merge)
+        examples = overlay_examples(manifests[PREDICTED], root / PSEUDO_DIR / PREDICTED, root / CAMS_DIR / PREDICTED, params)
 
-        metrics = pseudo_mask_metrics(matrix, walk_matrix, manifests["val"], walk)
-        scores = segmentation_scores(matrix)
+        metrics = pseudo_mask_metrics(matrices, manifests["val"], walk, merge is not None)
         if (root / CAMS_METRICS).is_file():
-            metrics["gain_over_cam_crf"] = scores.miou - read_json(root / CAMS_METRICS)["cam_crf"]["miou"]
+            cams = read_json(root / CAMS_METRICS)
+            metrics["gain_over_cam_crf"] = metrics["val"]["miou"] - cams["cam_crf"]["miou"]
+            if PREDICTED in cams:
+                metrics[PREDICTED]["gain_over_cam_crf"] = metrics[PREDICTED]["miou"] - cams[PREDICTED]["cam_crf"]["miou"]
         write_json(root / PSEUDO_METRICS, metrics)
-        write_csv(root / PSEUDO_PLOT, [{"class": n, "iou": "" if v is None else f"{v:.6f}"} for n, v in metrics["val"]["iou"].items()])
-        mlflow.log_metrics({"pseudo_mask_miou": scores.miou, **{f"pseudo_iou_{n}": v for n, v in metrics["val"]["iou"].items() if v is not None},
-                            **({"pseudo_mask_miou_before_crf": metrics["val_before_crf_miou"]} if walk.post_crf else {})})
+        write_csv(root / PSEUDO_PLOT, [{"class": n, "iou": _cell(v), "iou_predicted_labels": _cell(metrics[PREDICTED]["iou"][n])}
+                                       for n, v in metrics["val"]["iou"].items()])
+        logged_metrics = {"pseudo_mask_miou": metrics["val"]["miou"], "pseudo_mask_miou_predicted_labels": metrics[PREDICTED]["miou"],
+                          **{f"pseudo_iou_{n}": v for n, v in metrics["val"]["iou"].items() if v is not None}}
+        for split, suffix in (("val", ""), (PREDICTED, "_predicted_labels")):
+            for key, name in (("before_crf_miou", "pseudo_mask_miou_before_crf"), ("before_person_merge_miou", "pseudo_mask_miou_before_person_merge")):
+                if key in metrics[split]:
+                    logged_metrics[name + suffix] = metrics[split][key]
+        mlflow.log_metrics(logged_metrics)
         if examples:
             figure = _overlay_figure(examples)
             mlflow.log_figure(figure, "pseudo_mask_overlays.png")
             visualize.close(figure)
         mlflow.log_artifact(str(root / PSEUDO_METRICS))
     return metrics
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"

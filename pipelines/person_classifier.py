@@ -1,4 +1,4 @@
-"""DVC stage `person_classifier` (pipelines/ablation/dvc.yaml): a thin entry into `wsss person-classifier`."""
+"""DVC stage `person_classifier` (see dvc.yaml): a thin entry into `wsss person-classifier`."""
 
 import sys
 
