@@ -44,10 +44,11 @@ def print_quality(project: Path) -> None:
     print()
     print("| val mIoU | image labels | predicted labels | predicted, without the person class |")
     print("|---|---:|---:|---:|")
-    for name, labelled, predicted, _ in table2_steps(metrics):
+    steps = table2_steps(metrics)
+    for name, labelled, predicted, _ in steps:
         without = predicted.get("miou_without_person")
         print(f"| {name} | {labelled['miou']:.4f} | {predicted['miou']:.4f} | {'' if without is None else f'{without:.4f}'} |")
-    ordering = table2_ordering(metrics)
+    ordering = table2_ordering(steps)
     print(f"ordering on the predicted labels ({' < '.join(f'{v:.4f}' for _, v in ordering['steps'])}): "
           f"{'met' if ordering['holds'] else 'NOT met'}")
     evaluate, oracle = metrics["evaluate"], metrics["oracle"]

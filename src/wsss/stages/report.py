@@ -42,12 +42,11 @@ def table2_steps(stage_metrics: dict[str, dict]) -> list[tuple[str, dict, dict, 
     return rows
 
 
-def table2_ordering(stage_metrics: dict[str, dict]) -> dict:
-    """The paper's claim on this run: CAM + CRF < pseudo masks < segmentation + TTA on val, steps 1-2 with
-    the predicted labels and the segmenter without a CRF after it."""
-    steps = table2_steps(stage_metrics)
-    chosen = [(steps[0][0], steps[0][2]["miou"]), (steps[1][0], steps[1][2]["miou"]),
-              ("Segmentation + TTA", stage_metrics["evaluate"]["val"]["tta"]["miou"])]
+def table2_ordering(steps: list[tuple[str, dict, dict, float | None]]) -> dict:
+    """The paper's claim on this run, from :func:`table2_steps`' rows: CAM + CRF < pseudo masks <
+    segmentation + TTA on val, steps 1-2 with the predicted labels and the segmenter without a CRF after it."""
+    tta = next(row for row in steps if row[0] == f"Segmentation{mode_suffix('tta')}")
+    chosen = [(name, predicted["miou"]) for name, _, predicted, _ in (steps[0], steps[1], tta)]
     return {"steps": chosen, "holds": all(a[1] < b[1] for a, b in zip(chosen, chosen[1:]))}
 
 
@@ -59,7 +58,7 @@ def summary_markdown(stage_metrics: dict[str, dict]) -> str:
     test_final = evaluate["test"][final]
     test_modes = list(dict.fromkeys(mode for mode in (final, *reversed(MODES)) if mode in evaluate["test"]))
     steps = table2_steps(stage_metrics)
-    ordering = table2_ordering(stage_metrics)
+    ordering = table2_ordering(steps)
     lines = [
         "# wsss: summary of this run",
         "",
@@ -128,7 +127,8 @@ def headline_metrics(stage_metrics: dict[str, dict]) -> dict[str, float | str | 
     keys only where it exists (not on LID)."""
     evaluate, oracle = stage_metrics["evaluate"], stage_metrics.get("oracle", {})
     final = evaluate.get("final_mode", "tta")
-    cam_crf, pseudo = table2_steps(stage_metrics)[:2]
+    steps = table2_steps(stage_metrics)
+    cam_crf, pseudo = steps[:2]
     headline: dict[str, float | str | bool] = {
         "val_cam_crf_miou": cam_crf[2]["miou"],  # steps 1-2 with the predicted labels (the segmenter's footing)
         "val_pseudo_masks_miou": pseudo[2]["miou"],
@@ -136,7 +136,7 @@ def headline_metrics(stage_metrics: dict[str, dict]) -> dict[str, float | str | 
         "val_pseudo_masks_miou_image_labels": pseudo[1]["miou"],
         "val_segmentation_tta_miou": evaluate["val"]["tta"]["miou"],
         "val_segmentation_miou": evaluate["val"][final]["miou"],
-        "table2_ordering_holds": table2_ordering(stage_metrics)["holds"],
+        "table2_ordering_holds": table2_ordering(steps)["holds"],
         "test_miou": evaluate["test"][final]["miou"],
         "test_pixel_accuracy": evaluate["test"][final]["pixel_accuracy"],
         "final_mode": final,
