@@ -20,7 +20,7 @@ from wsss.classifier import BEST, LAST, train_classifier, trained_class_ids
 from wsss.cli import main
 from wsss.data.manifest import load_manifest
 from wsss.errors import DataError
-from wsss.io import read_image
+from wsss.io import IGNORE_INDEX, read_image
 
 STEP1 = {"classifier.epochs": 3, "classifier.batch_size": 16, "classifier.image_size": 32,
          "cams.scales": [1.0, 0.5], "cams.num_overlays": 2, "crf.bilateral_sxy": 10, "crf.workers": 1}
@@ -177,11 +177,16 @@ def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project, caps
     pseudo = json.loads((root / "metrics/pseudo_masks.json").read_text())
     assert 0 <= pseudo["val"]["miou"] <= 1 and "gain_over_cam_crf" in pseudo
     val = load_manifest(root / "data/splits/val.json")
+    stored = {}
     for name, manifest in (("train", train), ("val", val)):
         masks = MaskStore(root / "pseudo_masks" / name)
+        stored[name] = {record.id: masks.load(record.id) for record in manifest.records}
+        ignored = {IGNORE_INDEX} if name == "train" else set()  # irnet.ignore_uncertain (params.yaml): training masks only
         for record in manifest.records:
-            mask = masks.load(record.id)
-            assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, *record.labels}
+            mask = stored[name][record.id]
+            assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, *record.labels, *ignored}
+    train_pixels = np.stack(list(stored["train"].values()))
+    assert pseudo["train"]["ignored_share"] == pytest.approx((train_pixels == IGNORE_INDEX).mean()) and pseudo["train"]["ignored_share"] > 0
 
     runs = mlflow.search_runs(experiment_names=["wsss"], order_by=["attributes.start_time ASC"])
     assert list(runs["tags.wsss.stage"])[-3:] == ["ir_labels", "train_irnet", "pseudo_masks"]
@@ -199,10 +204,22 @@ def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project, caps
     used = yaml.safe_load((root / "params.yaml").read_text())["irnet"]["bg_weight"]
     assert pseudo["bg_weight"] == used and "threshold" not in pseudo  # the background knob in use only
 
+    # without the ignore: the same masks, the uncertain pixels with their labels again; val untouched
+    (root / "params.yaml").write_text(yaml.safe_dump(make_document({**STEP2, "irnet.ignore_uncertain": False})))
+    assert main(["pseudo-masks", "--root", str(root)]) == 0
+    kept = json.loads((root / "metrics/pseudo_masks.json").read_text())
+    assert "train" not in kept and kept["val"] == pseudo["val"]
+    for name in ("train", "val"):
+        masks = MaskStore(root / "pseudo_masks" / name)
+        for image_id, with_ignore in stored[name].items():
+            full = masks.load(image_id)
+            assert IGNORE_INDEX not in full and np.array_equal(full[with_ignore != IGNORE_INDEX], with_ignore[with_ignore != IGNORE_INDEX])
+
     _check_person_merge(root, capsys)
 
     # the paper's way: a constant background plane, no CRF after the walk
-    (root / "params.yaml").write_text(yaml.safe_dump(make_document({**STEP2, "irnet.background": "plane", "irnet.post_crf": False})))
+    (root / "params.yaml").write_text(yaml.safe_dump(make_document({**STEP2, "irnet.background": "plane", "irnet.post_crf": False,
+                                                                                   "irnet.ignore_uncertain": False})))
     assert main(["pseudo-masks", "--root", str(root)]) == 0
     plane = json.loads((root / "metrics/pseudo_masks.json").read_text())
     assert plane["background"] == "plane" and "before_crf_miou" not in plane["val"]
@@ -229,7 +246,7 @@ def _check_person_merge(root: Path, capsys) -> None:
     unmerged = {split: {i: store.load(i) for i in store.reader.index} for split, store in unmerged.items()}
     person_index = root / "cams_person/index.json"
     assert not person_index.exists()
-    (root / "params.yaml").write_text(yaml.safe_dump(make_document({**STEP2, "person.merge": True,
+    (root / "params.yaml").write_text(yaml.safe_dump(make_document({**STEP2, "person.merge": True, "irnet.ignore_uncertain": False,
                                                                     "person.cam_threshold": 0.2, "person.presence_threshold": 0.05})))
     assert main(["pseudo-masks", "--root", str(root)]) == 2  # no person CAMs yet: named, no output replaced
     assert "cams_person/index.json: no person CAMs: run the person_classifier stage first" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from wsss.ir_labels import IrInput, combine, ir_labels_many, seed_maps
 from wsss.models.classifier import build_classifier
 from wsss.models.irnet import IRNet, classifier_stages
 from wsss.random_walk import propagate, propagate_many, pseudo_mask, walk_seeds
+from wsss.uncertain import uncertain_pixels
 from wsss.stages.ir_labels import confident_ids
 
 
@@ -219,3 +220,13 @@ def test_pseudo_mask_with_a_walked_background_normalises_each_map_and_weighs_the
     assert pseudo_mask(walked, np.array([2, 7]), (12, 12), 0.9, background="walk", bg_weight=1.5)[11, 11] == 0
     with pytest.raises(ValueError, match="3 maps"):
         pseudo_mask(walked[1:], np.array([2, 7]), (12, 12), 0.9, background="walk")
+
+
+def test_uncertain_pixels_are_where_walk_and_crf_disagree_unless_the_person_merge_changed_them():
+    walked = np.array([[0, 1, 1], [0, 2, 0]], dtype=np.uint8)
+    refined = np.array([[0, 1, 0], [2, 2, 0]], dtype=np.uint8)  # the CRF moved (0, 2) and (1, 0)
+    final = np.array([[0, 1, 0], [7, 2, 7]], dtype=np.uint8)  # the merge made (1, 0) and (1, 2) person
+    assert uncertain_pixels(walked, refined, final).tolist() == [[False, False, True], [False, False, False]]
+    assert not uncertain_pixels(walked, walked, walked).any()
+    with pytest.raises(ValueError, match="differ in size"):
+        uncertain_pixels(walked, refined, final[:, :2])

@@ -21,7 +21,7 @@ from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError
 from wsss.sweep import TrialEvaluator, open_storage, run_sweep, storage_url, study_name, with_values
 
-SWEEP = {**STEP2, "irnet.train_scales": [1.0], "irnet.background": "plane", "irnet.post_crf": False,
+SWEEP = {**STEP2, "irnet.train_scales": [1.0], "irnet.background": "plane", "irnet.post_crf": False, "irnet.ignore_uncertain": False,
          "irnet.confidence_cutoff": 0.05, "irnet.threshold": 0.5,
          "sweep.space": {"irnet.confidence_cutoff": {"low": 0.05, "high": 0.25, "step": 0.1},
                          "irnet.threshold": {"low": 0.05, "high": 0.95}},

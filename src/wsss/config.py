@@ -266,6 +266,9 @@ class IrnetParams(_Group):
     threshold: float = Field(0.3, gt=0, lt=1)
     bg_weight: float = Field(1.0, gt=0)
     post_crf: bool = False  # dense CRF (the `crf` group) on the pseudo masks, as step 1 does on CAMs
+    # training pseudo masks: pixels where the walk and the CRF disagree become 255 (ignored by the
+    # segmenter's loss; wsss.uncertain); needs post_crf
+    ignore_uncertain: bool = False
     workers: int = Field(0, ge=0)
     threads: int = Field(0, ge=0)
 
@@ -273,6 +276,9 @@ class IrnetParams(_Group):
     def _thresholds(self) -> IrnetParams:
         if self.conf_bg >= self.conf_fg:
             raise ValueError(f"conf_bg: {self.conf_bg} must be below conf_fg ({self.conf_fg})")
+        if self.ignore_uncertain and not self.post_crf:
+            raise ValueError("ignore_uncertain: true needs post_crf: true (uncertain pixels are those where the walk "
+                             "and the CRF disagree)")
         if any(scale <= 0 for scale in self.train_scales):
             raise ValueError(f"train_scales: every scale must be positive, got {self.train_scales}")
         return self

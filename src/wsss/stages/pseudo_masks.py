@@ -19,20 +19,22 @@ from wsss.cam import CamStore, label_map
 from wsss.config import IrnetParams, Params, flatten
 from wsss.crf import crf_labels
 from wsss.data.manifest import Manifest, load_manifest
-from wsss.io import read_image, read_json, read_mask, write_csv, write_json
+from wsss.io import IGNORE_INDEX, read_image, read_json, read_mask, write_csv, write_json
 from wsss.irnet_inference import load_irnet, pseudo_masks
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.shards import (MASK, MaskStore, fill_shards, matrix_from_meta, matrix_meta, metas, resumable_dir, shard_numbers,
                          write_index)
 from wsss.errors import ConfigError, DataError
 from wsss.person import PersonMerge
+from wsss.uncertain import uncertain_pixels
 from wsss.stages.common import background_knob
 from wsss.stages.paths import (CAMS_DIR, CAMS_METRICS, CLASSIFIER_PATH, INDEX_FILE, IRNET_PATH, PERSON_CAMS, PREDICTED, PSEUDO_DIR,
                                SPLITS_DIR)
 
 PSEUDO_METRICS = Path("metrics/pseudo_masks.json")
 PSEUDO_PLOT = Path("plots/pseudo_masks/per_class_iou.csv")
-WALK_KEYS = ("infer_radius", "infer_scale", "beta", "exp_times", "background", "threshold", "bg_weight", "post_crf")
+WALK_KEYS = ("infer_radius", "infer_scale", "beta", "exp_times", "background", "threshold", "bg_weight", "post_crf",
+             "ignore_uncertain")
 
 
 def _overlay_figure(examples: list[dict]):
@@ -61,10 +63,12 @@ def stage_manifests(root: Path) -> dict[str, Manifest]:
 
 
 def mask_shard(model, manifest: Manifest, shard_records: list, cams: CamStore, params: Params, scored: bool,
-               merge: tuple[PersonMerge, str, str] | None = None) -> tuple[list[dict[str, np.ndarray]], dict]:
+               merge: tuple[PersonMerge, str, str] | None = None, ignore: bool = False) -> tuple[list[dict[str, np.ndarray]], dict]:
     """The pseudo masks of one shard's images and the shard's meta: with ``scored`` (val) the confusion
     matrices of its masks against the ground truth: final, of the walk alone (before any CRF) and,
-    with ``merge`` (the person merge, its person-CAM split and presence rule), before the merge."""
+    with ``merge`` (the person merge, its person-CAM split and presence rule), before the merge. With
+    ``ignore`` (training masks under ``irnet.ignore_uncertain``) the pixels where the walk and the CRF
+    disagree are stored as 255 (:mod:`wsss.uncertain`), and the meta counts them."""
     num_classes = manifest.num_classes
     matrices = {name: np.zeros((num_classes, num_classes), dtype=np.int64) for name in CONFUSIONS}
     items = list(pseudo_masks(model, manifest.derive(shard_records), cams, params, show=False))
@@ -79,15 +83,21 @@ def mask_shard(model, manifest: Manifest, shard_records: list, cams: CamStore, p
                 matrices["confusion"] += confusion_matrix(truth, mask, num_classes)
                 matrices["walk_confusion"] += confusion_matrix(truth, item.walked, num_classes)
                 matrices["unmerged_confusion"] += confusion_matrix(truth, item.mask, num_classes)
-    return [{MASK: mask} for mask in masks], ({name: matrix_meta(m) for name, m in matrices.items()} if scored else {})
+    meta = {name: matrix_meta(m) for name, m in matrices.items()} if scored else {}
+    if ignore:
+        uncertain = [uncertain_pixels(item.walked, item.mask, mask) for item, mask in zip(items, masks, strict=True)]
+        masks = [np.where(u, np.uint8(IGNORE_INDEX), mask).astype(np.uint8) for u, mask in zip(uncertain, masks, strict=True)]
+        meta.update(ignored=int(sum(u.sum() for u in uncertain)), pixels=int(sum(u.size for u in uncertain)))
+    return [{MASK: mask} for mask in masks], meta
 
 
 def write_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, out_dir: Path, params: Params,
-                       merge: PersonMerge | None = None) -> dict[str, dict[str, np.ndarray]]:
+                       merge: PersonMerge | None = None, ignore_uncertain: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """The pseudo masks of each manifest as shards in ``out_dir/<split>/`` (:class:`MaskStore`; under
     torchrun each process writes its share of the shards; shards already there are kept: a killed
-    run resumes), with the person merged in under ``merge``; returns each scored split's (every one but
-    train) confusion matrices (:data:`CONFUSIONS`), summed over the shards."""
+    run resumes), with the person merged in under ``merge`` and, with ``ignore_uncertain``, the
+    uncertain pixels of the training masks as 255; returns each scored split's (every one but train)
+    confusion matrices (:data:`CONFUSIONS`), summed over the shards."""
     context = distributed.current()
     size = params.compute.shard_size
     for split, manifest in manifests.items():
@@ -96,8 +106,8 @@ def write_pseudo_masks(model, manifests: dict[str, Manifest], cams_root: Path, o
         split_merge = None if merge is None else (merge, SPLIT_SOURCES[split], PRESENCE[split])
 
         def make(positions, manifest=manifest, records=records, cams=CamStore(cams_root / split), scored=split != "train",
-                 split_merge=split_merge):
-            return mask_shard(model, manifest, [records[p] for p in positions], cams, params, scored, split_merge)
+                 split_merge=split_merge, ignore=ignore_uncertain and split == "train"):
+            return mask_shard(model, manifest, [records[p] for p in positions], cams, params, scored, split_merge, ignore)
 
         fill_shards(out_dir / split, [r.id for r in records], mine, size, make, desc=f"pseudo masks {split}", show=context.is_main)
     distributed.barrier(context)
@@ -162,6 +172,12 @@ def pseudo_mask_metrics(matrices: dict[str, dict[str, np.ndarray]], val: Manifes
     return {**metrics, "background": walk.background, knob: getattr(walk, knob), "post_crf": walk.post_crf, "person_merge": merged}
 
 
+def ignored_share(shard_metas: list[dict]) -> float:
+    """The share of the training masks' pixels stored as 255 (uncertain), from their shards' meta."""
+    pixels = sum(meta["pixels"] for meta in shard_metas)
+    return sum(meta["ignored"] for meta in shard_metas) / pixels if pixels else 0.0
+
+
 def _merge(params: Params, root: Path, person: int | None) -> PersonMerge | None:
     if not params.person.merge:
         return None
@@ -180,7 +196,7 @@ def run_pseudo_masks(params: Params, root: Path) -> dict | None:
     torch.set_num_threads(context.cpu_threads())
     if not context.is_main:  # a torchrun process but rank 0: its share, nothing logged
         with resumable_dir(root / PSEUDO_DIR, "", context) as staging:  # rank 0 checks the fingerprint
-            write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params, merge)
+            write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params, merge, params.irnet.ignore_uncertain)
         return None
     hashes = tracking.input_hashes({"irnet": root / IRNET_PATH, "cams": root / CAMS_DIR, "splits": root / SPLITS_DIR,
                                     **({"person_cams": root / PERSON_CAMS} if merge else {})})
@@ -193,10 +209,12 @@ def run_pseudo_masks(params: Params, root: Path) -> dict | None:
 
     with tracking.stage_run("pseudo_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
         with resumable_dir(root / PSEUDO_DIR, output_fingerprint(params, hashes, merge is not None), context) as staging:
-            matrices = write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params, merge)
+            matrices = write_pseudo_masks(model, manifests, root / CAMS_DIR, staging, params, merge, walk.ignore_uncertain)
         examples = overlay_examples(manifests[PREDICTED], root / PSEUDO_DIR / PREDICTED, root / CAMS_DIR / PREDICTED, params)
 
         metrics = pseudo_mask_metrics(matrices, manifests["val"], walk, merge is not None)
+        if walk.ignore_uncertain:
+            metrics["train"] = {"ignored_share": ignored_share(metas(root / PSEUDO_DIR / "train"))}
         if (root / CAMS_METRICS).is_file():
             cams = read_json(root / CAMS_METRICS)
             metrics["gain_over_cam_crf"] = metrics["val"]["miou"] - cams["cam_crf"]["miou"]
@@ -211,6 +229,8 @@ def run_pseudo_masks(params: Params, root: Path) -> dict | None:
             for key, name in (("before_crf_miou", "pseudo_mask_miou_before_crf"), ("before_person_merge_miou", "pseudo_mask_miou_before_person_merge")):
                 if key in metrics[split]:
                     logged_metrics[name + suffix] = metrics[split][key]
+        if "train" in metrics:
+            logged_metrics["pseudo_mask_train_ignored_share"] = metrics["train"]["ignored_share"]
         mlflow.log_metrics(logged_metrics)
         if examples:
             figure = _overlay_figure(examples)
