@@ -193,3 +193,23 @@ def test_cams_on_other_labels_copy_the_maps_a_store_has_and_compute_only_the_res
     partial = manifest.derive([r.with_labels((1,)) if i else r.with_labels((1, 2)) for i, r in enumerate(manifest.records)])
     compute_cams(model, [1, 2], partial, tmp_path / "partial", params, shard_size=4, reuse=CamStore(tmp_path / "copied"))
     assert sum(computed) == sum(1 for i, r in enumerate(manifest.records) if i == 0 or 1 not in r.labels)
+
+
+
+def test_a_resumed_output_drops_the_temporary_files_of_writes_a_kill_interrupted(tmp_path):
+    from wsss.shards import FINGERPRINT, partial_dir, resumable_dir, write_shard
+
+    final = tmp_path / "pseudo_masks"
+    staging = partial_dir(final)  # what a run killed while writing its second shard leaves
+    (staging / "train").mkdir(parents=True)
+    (staging / FINGERPRINT).write_text("same inputs")
+    write_shard(staging / "train" / "shard-00000.npz", [("a", {"mask": np.zeros((2, 2), np.uint8)})])
+    (staging / "train" / ".shard-00001.npz.tmp-k1ll3d").write_bytes(b"half a shard")
+    (staging / ".val.tmp-k1ll3d").mkdir()
+    shard = staging / "train" / "shard-00000.npz"
+    identity = (shard.stat().st_ino, shard.stat().st_mtime_ns)
+    with resumable_dir(final, "same inputs") as resumed:
+        assert sorted(p.relative_to(resumed).as_posix() for p in resumed.rglob("*")) == [FINGERPRINT, "train", "train/shard-00000.npz"]
+    assert sorted(p.relative_to(final).as_posix() for p in final.rglob("*")) == ["train", "train/shard-00000.npz"]
+    kept = final / "train" / "shard-00000.npz"
+    assert (kept.stat().st_ino, kept.stat().st_mtime_ns) == identity  # the complete shard is kept, not rewritten

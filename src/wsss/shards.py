@@ -156,6 +156,8 @@ def resumable_dir(final: Path, fingerprint: str, context=None) -> Iterator[Path]
         if staging.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
             shutil.rmtree(staging)
         staging.mkdir(parents=True, exist_ok=True)
+        for leftover in staging.rglob(".*.tmp-*"):  # a kill during an atomic write leaves its temporary file
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         marker.write_text(fingerprint)
     distributed.barrier(context)
     yield staging
