@@ -25,8 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from _scratch import REPO
 from wsss import augment
 from wsss.cam import CamStore
@@ -34,13 +32,14 @@ from wsss.config import load_params
 from wsss.crf import CrfTask, crf_many
 from wsss.data.manifest import load_manifest
 from wsss.evaluation import evaluate_model, final_mode, post_crf, truth_paths
-from wsss.io import IGNORE_INDEX, read_image, read_json, read_mask
+from wsss.io import IGNORE_INDEX, read_image, read_json, read_mask, write_mask_png
 from wsss.irnet_inference import load_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.models.segmenter import build_segmenter, load_segmenter
 from wsss.person import PersonMerge
 from wsss.segmentation import SegmentationDataset, train_segmenter
 from wsss.stages.paths import CAMS_DIR, CLASSIFIER_PATH, INDEX_FILE, IRNET_PATH, PERSON_CAMS, SEGMENTER_PATH, SPLITS_DIR
+from wsss.stages.ir_labels import confident_ids
 from wsss.stages.pseudo_masks import mask_shard
 from wsss.stages.segmenter import encoder_inputs, segmenter_spec
 from wsss.tta import tta_logits
@@ -94,6 +93,33 @@ def train_quality(train, records, masks) -> tuple[float, float]:
     return segmentation_scores(matrix).miou, kept / total
 
 
+def train_and_score(params, variant, records, mask_paths, quality, kept_share, splits, oracle, seeds) -> list[dict]:
+    """One row per seed: the segmenter group trained on ``mask_paths`` (no checkpoint to resume from), scored like ``evaluate``."""
+    train, val, test = splits
+    config, mode = params.segmenter, final_mode(params.evaluate.crf)
+    val_images, val_masks = truth_paths(val, "val")
+    spec = segmenter_spec(params, train)
+    weights, _ = encoder_inputs(params, REPO)
+    rows = []
+    for seed in seeds or [params.seed]:
+        dataset = SegmentationDataset([train.image_path(r) for r in records], mask_paths, config.image_size, config.augmentation,
+                                      seed, train.num_classes, config.scale_range)
+        with tempfile.TemporaryDirectory() as checkpoints:
+            start = time.perf_counter()
+            result = train_segmenter(config, seed, spec, dataset, val_images, val_masks, Path(checkpoints), f"{variant}-{seed}",
+                                     encoder_weights=weights, desc=variant)
+            seconds = time.perf_counter() - start
+        model = build_segmenter(spec)
+        model.load_state_dict(result.best_state)
+        scores, _, _ = evaluate_model(model, {"val": val, "test": test}, params.evaluate.tta_scales, post_crf(params))
+        rows.append({"variant": variant, "seed": seed, "images": len(records), "train_miou": quality, "kept": kept_share,
+                     "val_tta": scores["val"]["tta"]["miou"], "val_final": scores["val"][mode]["miou"],
+                     "test_tta": scores["test"]["tta"]["miou"], "test_final": scores["test"][mode]["miou"],
+                     "share": scores["test"][mode]["miou"] / oracle["test"][mode]["miou"], "seconds": seconds})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", nargs="+", choices=VARIANTS, default=["all", "uncertain"])
@@ -114,33 +140,14 @@ def main() -> None:
         else:
             masks = walked_masks(params, train, ignore=variant == "uncertain")
         if variant == "confident":
-            kept = {e["id"] for e in read_json(REPO / CAMS_DIR / INDEX_FILE)["images"]["train"] if e["confidence"] > params.irnet.confidence_cutoff}
+            kept = set(confident_ids(read_json(REPO / CAMS_DIR / INDEX_FILE), params.irnet.confidence_cutoff))
             records, masks = zip(*[(r, m) for r, m in zip(records, masks, strict=True) if r.id in kept])
         quality, kept_share = train_quality(train, records, masks)
-        for seed in args.seed or [params.seed]:
-            with tempfile.TemporaryDirectory() as scratch:
-                paths = []
-                for record, mask in zip(records, masks, strict=True):
-                    paths.append(Path(scratch) / f"{record.id}.png")
-                    Image.fromarray(mask).save(paths[-1])
-                config = params.segmenter
-                dataset = SegmentationDataset([train.image_path(r) for r in records], paths, config.image_size, config.augmentation,
-                                              seed, train.num_classes, config.scale_range)
-                val_images, val_masks = truth_paths(val, "val")
-                spec = segmenter_spec(params, train)
-                weights, _ = encoder_inputs(params, REPO)
-                start = time.perf_counter()
-                result = train_segmenter(config, seed, spec, dataset, val_images, val_masks, Path(scratch) / "checkpoints",
-                                         f"{variant}-{seed}", encoder_weights=weights, desc=variant)
-                seconds = time.perf_counter() - start
-            model = build_segmenter(spec)
-            model.load_state_dict(result.best_state)
-            scores, _, _ = evaluate_model(model, {"val": val, "test": test}, params.evaluate.tta_scales, post_crf(params))
-            rows.append({"variant": variant, "seed": seed, "images": len(records), "train_miou": quality, "kept": kept_share,
-                         "val_tta": scores["val"]["tta"]["miou"], "val_final": scores["val"][mode]["miou"],
-                         "test_tta": scores["test"]["tta"]["miou"], "test_final": scores["test"][mode]["miou"],
-                         "share": scores["test"][mode]["miou"] / oracle["test"][mode]["miou"], "seconds": seconds})
-            print(json.dumps(rows[-1]), flush=True)
+        with tempfile.TemporaryDirectory() as masks_dir:
+            paths = [Path(masks_dir) / f"{record.id}.png" for record in records]
+            for path, mask in zip(paths, masks, strict=True):
+                write_mask_png(path, mask)
+            rows.extend(train_and_score(params, variant, records, paths, quality, kept_share, (train, val, test), oracle, args.seed))
     print(f"\n| variant | seed | images | train mIoU (kept pixels) | pixels kept | val TTA | val {mode} | test TTA | test {mode} "
           "| share of the upper bound | seconds |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
