@@ -13,6 +13,7 @@ upper bound (``metrics/oracle.json``). Run ``dvc repro oracle`` first.
   training image, restricted to its image labels (and the person where it shows one), dense CRF
 
     python benchmarks/training_masks.py --variant all uncertain --seed 2020 2021
+    python benchmarks/training_masks.py --variant uncertain --background-seed 0 --seed 2020 2021   # the person floor off
 """
 
 from __future__ import annotations
@@ -125,8 +126,11 @@ def main() -> None:
     parser.add_argument("--variant", nargs="+", choices=VARIANTS, default=["all", "uncertain"])
     parser.add_argument("--seed", nargs="+", type=int, default=None, help="the segmenter's seeds (default: params.yaml's)")
     parser.add_argument("--epochs", type=int, default=None, help="segmenter epochs (default: params.yaml's)")
+    parser.add_argument("--background-seed", type=float, default=None, help="person.background_seed (default: params.yaml's)")
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
+    if args.background_seed is not None:
+        params = params.model_copy(update={"person": params.person.model_copy(update={"background_seed": args.background_seed})})
     if args.epochs:
         params = params.model_copy(update={"segmenter": params.segmenter.model_copy(update={"epochs": args.epochs})})
     train, val, test = (load_manifest(REPO / SPLITS_DIR / f"{n}.json") for n in ("train", "val", "test"))

@@ -43,6 +43,7 @@ def _problems(overrides: dict) -> str:
         ({"irnet.conf_bg": 0.8}, "irnet.conf_bg", "below conf_fg"),
         ({"irnet.infer_scale": 3}, "irnet.infer_scale", "3"),
         ({"irnet.post_crf": False}, "irnet.ignore_uncertain", "needs post_crf: true"),
+        ({"person.background_seed": 1.5}, "person.background_seed", "less than or equal to 1"),
         ({"segmenter.output_stride": 32}, "segmenter.output_stride", "32"),
         ({"irnet.background": "flood"}, "irnet.background", "'flood'"),
         ({"segmenter.scale_range": [2.0, 1.0]}, "segmenter.scale_range", "0 < min <= max"),

@@ -83,3 +83,14 @@ def test_no_stage_depends_on_a_speed_knob(pipeline):
             if hits:
                 listed[name] = hits
     assert not listed, f"{pipeline}: stages that would re-run when a speed knob changes: {listed}"
+
+
+def test_the_person_merge_params_are_the_pseudo_masks_stage_s():
+    """The merge's keys change the pseudo masks alone: that stage lists them (a change re-runs it and what
+    follows) and no other stage of the main pipeline does (it would re-run for nothing)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    merge_keys = {"person.merge", "person.presence_threshold", "person.cam_threshold", "person.post_crf", "person.background_seed"}
+    assert merge_keys <= set(stages["pseudo_masks"]["params"])
+    elsewhere = {name: sorted(merge_keys & set(stage.get("params", []))) for name, stage in stages.items() if name != "pseudo_masks"}
+    # the person classifier reads its presence threshold too (its val F1)
+    assert {name: keys for name, keys in elsewhere.items() if keys} == {"person_classifier": ["person.presence_threshold"]}

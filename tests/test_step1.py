@@ -284,3 +284,19 @@ def _check_person_merge(root: Path, capsys) -> None:
     assert pseudo["person_merge"] is True
     for split in ("val", "val_predicted"):
         assert pseudo[split]["iou"]["coat"] > 0 and 0 <= pseudo[split]["before_person_merge_miou"] <= 1
+
+    # person.background_seed (params.yaml: on) floored the walk's background with the person CAM in the images
+    # that show a person, and only there: without it those masks change, the others stay the same
+    floored = {split: {r: MaskStore(root / "pseudo_masks" / split).load(r) for r in unmerged[split]} for split in unmerged}
+    assert make_params().person.background_seed > 0
+    (root / "params.yaml").write_text(yaml.safe_dump(make_document({**STEP2, "person.merge": True, "irnet.ignore_uncertain": False,
+                                                                    "person.cam_threshold": 0.2, "person.presence_threshold": 0.05,
+                                                                    "person.background_seed": 0.0})))
+    assert main(["pseudo-masks", "--root", str(root)]) == 0
+    for split, shows in decided.items():
+        store, changed = MaskStore(root / "pseudo_masks" / split), 0
+        for record in manifests["train" if split == "train" else "val"].records:
+            same = np.array_equal(store.load(record.id), floored[split][record.id])
+            assert same or shows(record), (split, record.id)
+            changed += not same
+        assert changed > 0, split

@@ -14,7 +14,8 @@ from wsss.errors import ConfigError
 from wsss.ir_labels import IrInput, combine, ir_labels_many, seed_maps
 from wsss.models.classifier import build_classifier
 from wsss.models.irnet import IRNet, classifier_stages
-from wsss.random_walk import propagate, propagate_many, pseudo_mask, walk_seeds
+from wsss.person import person_floor
+from wsss.random_walk import floor_background, propagate, propagate_many, pseudo_mask, walk_seeds
 from wsss.uncertain import uncertain_pixels
 from wsss.stages.ir_labels import confident_ids
 
@@ -220,6 +221,40 @@ def test_pseudo_mask_with_a_walked_background_normalises_each_map_and_weighs_the
     assert pseudo_mask(walked, np.array([2, 7]), (12, 12), 0.9, background="walk", bg_weight=1.5)[11, 11] == 0
     with pytest.raises(ValueError, match="3 maps"):
         pseudo_mask(walked[1:], np.array([2, 7]), (12, 12), 0.9, background="walk")
+
+
+def test_person_floor_is_the_weighted_max_normalised_person_cam():
+    person = np.array([[0.0, 2.0], [4.0, 1.0]])
+    assert person_floor(person, 0.5).tolist() == [[0.0, 0.25], [0.5, 0.125]]
+    assert person_floor(np.zeros((2, 2)), 0.5).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_floor_background_raises_the_background_seed_only():
+    seeds = torch.tensor([[[0.2, 0.9]], [[0.8, 0.1]]])  # background seed, one class; a 1x2 grid
+    floored = floor_background(seeds, torch.tensor([[0.5, 0.5]]))
+    assert floored[0, 0].tolist() == pytest.approx([0.5, 0.9]) and torch.equal(floored[1], seeds[1])
+    assert seeds[0, 0].tolist() == pytest.approx([0.2, 0.9])  # the input is left alone
+    with pytest.raises(ValueError, match="differ in size"):
+        floor_background(seeds, torch.zeros(2, 2))
+
+
+def test_a_floored_background_stops_a_class_walking_over_the_person():
+    """An object's CAM spills over the person next to it (no boundary between them, as when IRNet misses one):
+    without the floor the walk gives the object the spill's edge, with the person's floor it stays background."""
+    cams = torch.zeros(1, 4, 10)
+    cams[0, :, :3] = 1.0  # the object: columns 0-2
+    cams[0, :, 3:6] = 0.8  # its CAM spilling over the person (columns 3-9)
+    person = torch.zeros(4, 10)
+    person[:, 3:] = 1.0
+
+    def labels(seeds):
+        walked = propagate(seeds, torch.zeros(4, 10), radius=2, beta=1.0, exp_times=1)
+        return pseudo_mask(walked, np.array([3]), (4, 10), threshold=0.0, upsample=1, background="walk", bg_weight=1.6)
+
+    plain = labels(walk_seeds(cams, "walk"))
+    floored = labels(floor_background(walk_seeds(cams, "walk"), 0.5 * person))
+    assert (plain[:, :5] == 3).all() and (plain[:, 5:] == 0).all()
+    assert (floored[:, :4] == 3).all() and (floored[:, 4:] == 0).all()  # column 4, inside the person, is background now
 
 
 def test_uncertain_pixels_are_where_walk_and_crf_disagree_unless_the_person_merge_changed_them():

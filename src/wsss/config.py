@@ -401,6 +401,10 @@ class PersonParams(_Group):
     presence_threshold: float = Field(0.5, gt=0, lt=1)  # P(person) from which an image counts as showing one
     cam_threshold: float = Field(0.3, gt=0, lt=1)  # person CAM (max-normalised) from which a background pixel becomes person
     post_crf: bool = True  # dense CRF (crf group) on the merged masks
+    # main pipeline, with merge and irnet.background: walk: in an image that shows a person, the walk's background
+    # seed is at least this times the person CAM (max-normalised), so objects' CAMs that spill over the person behind
+    # them lose that region to the background before the merge gives it to the person (0: off, as the paper)
+    background_seed: float = Field(0.0, ge=0, le=1)
 
 
 class AblationParams(_Group):

@@ -7,7 +7,7 @@ masks and the sweep.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from wsss.crf import CrfTask, crf_many
 from wsss.data.manifest import ImageRecord, Manifest
 from wsss.io import read_image
 from wsss.irnet import build_irnet
-from wsss.random_walk import propagate_many, pseudo_mask, walk_seeds
+from wsss.random_walk import floor_background, propagate_many, pseudo_mask, walk_seeds
 
 def _enlarge(image: np.ndarray, scale: int) -> np.ndarray:
     return image if scale == 1 else augment.resize_image(image, (image.shape[1] * scale, image.shape[0] * scale))
@@ -44,12 +44,24 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def walk_chunk(model, chunk_images: list[np.ndarray], chunk_cams: list, walk: IrnetParams) -> list[torch.Tensor]:
+def _on_grid(full_map: np.ndarray, grid: torch.Size) -> torch.Tensor:
+    """A full-resolution map averaged down to the walk's grid."""
+    return torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(full_map, dtype=np.float32))[None, None],
+                                                   tuple(grid))[0, 0]
+
+
+def walk_chunk(model, chunk_images: list[np.ndarray], chunk_cams: list, walk: IrnetParams,
+               chunk_floors: list[np.ndarray | None] | None = None) -> list[torch.Tensor]:
     """The random walk of one chunk of images together, on the model's device: walked maps on the
-    walk's grid (a walked background first when ``walk.background == "walk"``)."""
+    walk's grid (a walked background first when ``walk.background == "walk"``). ``chunk_floors``: per
+    image ``None`` or a full-resolution floor of the walked background's seed (:func:`floor_background`;
+    no effect under ``background: plane``)."""
     device = model_device(model)
     boundaries = [model.boundary_map(augment.to_tensor(_enlarge(img, walk.infer_scale))[None].to(device))[0] for img in chunk_images]
     seeds = [walk_seeds(_walk_input(c, b.shape, walk.infer_scale).to(device), walk.background) for c, b in zip(chunk_cams, boundaries, strict=True)]
+    if chunk_floors is not None and walk.background == "walk":
+        seeds = [seed if floor is None or seed.shape[0] < 2 else floor_background(seed, _on_grid(floor, boundary.shape).to(device))
+                 for seed, floor, boundary in zip(seeds, chunk_floors, boundaries, strict=True)]
     return propagate_many(seeds, boundaries, walk.infer_radius, walk.beta, walk.exp_times)
 
 
@@ -73,9 +85,10 @@ class PseudoMask:
 
 
 def pseudo_masks(model, manifest: Manifest, cams: CamStore | Path, params: Params, desc: str = "pseudo masks",
-                 show: bool = True) -> Iterator[PseudoMask]:
+                 show: bool = True, background_floor: Callable[[ImageRecord, tuple[int, int]], np.ndarray | None] | None = None) -> Iterator[PseudoMask]:
     """The pseudo mask of every image of ``manifest`` (CAMs from a :class:`CamStore` or the shards in
-    that folder), walked ``compute.chunk_size`` images at a time, in manifest order."""
+    that folder), walked ``compute.chunk_size`` images at a time, in manifest order. ``background_floor(record, image size)``:
+    ``None`` or a full-resolution floor of that image's background seed (:func:`walk_chunk`)."""
     walk = params.irnet
     records = manifest.records
     store = cams if isinstance(cams, CamStore) else CamStore(cams)
@@ -85,7 +98,8 @@ def pseudo_masks(model, manifest: Manifest, cams: CamStore | Path, params: Param
         images = [read_image(manifest.image_path(r)) for r in chunk]
         chunk_cams = [store.load(r.id, expected_size=img.shape[:2]) for r, img in zip(chunk, images, strict=True)]
         with torch.no_grad():
-            walked = masks_from_walk(walk_chunk(model, images, chunk_cams, walk), images, chunk_cams, walk)
+            floors = None if background_floor is None else [background_floor(r, img.shape[:2]) for r, img in zip(chunk, images, strict=True)]
+            walked = masks_from_walk(walk_chunk(model, images, chunk_cams, walk, floors), images, chunk_cams, walk)
         masks = walked
         if walk.post_crf:
             tasks = [CrfTask(r.id, img, m) for r, img, m in zip(chunk, images, walked, strict=True)]

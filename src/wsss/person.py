@@ -7,12 +7,15 @@ classifier, trained on the noisy person labels, gives a person CAM, merged into 
 ``person_masks``): in an image that shows a person, background pixels whose person CAM reaches
 ``person.cam_threshold`` become person; pixels already given to another class keep it (objects in
 front of a person stay themselves); the dense CRF then refines the merged masks (``person.post_crf``).
+In the main pipeline the person CAM also floors the walk's background seed (``person.background_seed``,
+:meth:`PersonMerge.background_floor`): an object's CAM that spills over the person behind it would
+otherwise walk into the person's region, where the merge cannot reach.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -58,6 +61,14 @@ def merge_person(mask: np.ndarray, person_map: np.ndarray, person: int, cam_thre
     return merged
 
 
+def person_floor(person_map: np.ndarray, weight: float) -> np.ndarray:
+    """``weight`` x ``person_map`` divided by its peak (all zeros for a map without a positive value)."""
+    peak = float(person_map.max()) if person_map.size else 0.0
+    if peak <= 0:
+        return np.zeros(person_map.shape, np.float32)
+    return (weight * person_map / peak).astype(np.float32)
+
+
 # Whose word decides that an image shows a person: ``noisy`` (training images: their source labels,
 # which only ever miss a person, or the person classifier), ``labels`` (val with its image labels,
 # as every other class of the val pseudo masks) or ``predicted`` (the person classifier alone: an
@@ -75,6 +86,7 @@ class PersonMerge:
     person: int
     config: PersonParams
     crf: CrfParams
+    _stores: dict = field(default_factory=dict, compare=False, repr=False)  # split -> CamStore, opened once
 
     @classmethod
     def of_folder(cls, cams_root: Path, person: int, config: PersonParams, crf: CrfParams) -> PersonMerge:
@@ -89,6 +101,21 @@ class PersonMerge:
         if not index.get("available", True) or "probability" not in index:
             raise DataError(index_path, "no person CAMs in this folder (re-run the person_classifier stage)")
         return cls(Path(cams_root), index["probability"], person, config, crf)
+
+    def _store(self, split: str):
+        from wsss.cam import CamStore
+
+        if split not in self._stores:
+            self._stores[split] = CamStore(self.cams_root / split)
+        return self._stores[split]
+
+    def background_floor(self, split: str, record: ImageRecord, size: tuple[int, int], presence: Presence) -> np.ndarray | None:
+        """The floor of the walk's background seed for one image (``person.background_seed``):
+        ``background_seed`` x its person CAM (max-normalised, ``size``) if it shows a person, else ``None``."""
+        weight = self.config.background_seed
+        if weight <= 0 or not self.shows_person(split, record, presence):
+            return None
+        return person_floor(self._store(split).load(record.id, expected_size=size).full[0], weight)
 
     def shows_person(self, split: str, record: ImageRecord, presence: Presence) -> bool:
         if presence == "labels":
@@ -106,10 +133,9 @@ class PersonMerge:
         """``masks`` (of ``records``, in order) with the person merged in where the image shows one,
         those refined by the CRF under ``person.post_crf`` (``image_of(position)``: the record's image);
         and how many images were given a person."""
-        from wsss.cam import CamStore
         from wsss.crf import CrfTask, crf_many
 
-        store = CamStore(self.cams_root / split)
+        store = self._store(split)
         merged, changed = list(masks), []
         for position, record in enumerate(records):
             if self.shows_person(split, record, presence):

@@ -168,6 +168,15 @@ def walk_seeds(cams: torch.Tensor, background: str) -> torch.Tensor:
     return torch.cat([seed.clamp(min=0.0)[None], cams])
 
 
+def floor_background(seeds: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``seeds`` (:func:`walk_seeds` with a walked background first) with the background seed raised
+    to at least ``floor`` (``[h, w]``, same grid): regions known to be background (the person behind
+    the objects, :mod:`wsss.person`) then hold the background in the walk against the class maps."""
+    if floor.shape != seeds.shape[1:]:
+        raise ValueError(f"background floor {tuple(floor.shape)} and seeds {tuple(seeds.shape[1:])} differ in size")
+    return torch.cat([torch.maximum(seeds[0], floor.to(seeds.dtype))[None], seeds[1:]])
+
+
 def pseudo_mask(walked: torch.Tensor, class_ids: np.ndarray, image_size: tuple[int, int], threshold: float,
                 upsample: int = 4, background: str = "plane", bg_weight: float = 1.0) -> np.ndarray:
     """Upsample walked maps (x4 for the stride-4 grid; x2 when the walk ran on the image enlarged

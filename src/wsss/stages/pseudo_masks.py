@@ -9,6 +9,7 @@ summed and rank 0 logs.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +67,17 @@ def mask_shard(model, manifest: Manifest, shard_records: list, cams: CamStore, p
                merge: tuple[PersonMerge, str, str] | None = None, ignore: bool = False) -> tuple[list[dict[str, np.ndarray]], dict]:
     """The pseudo masks of one shard's images and the shard's meta: with ``scored`` (val) the confusion
     matrices of its masks against the ground truth: final, of the walk alone (before any CRF) and,
-    with ``merge`` (the person merge, its person-CAM split and presence rule), before the merge. With
+    with ``merge`` (the person merge, its person-CAM split and presence rule), before the merge; under
+    ``merge`` and ``person.background_seed`` the person CAM floors the walk's background seed. With
     ``ignore`` (training masks under ``irnet.ignore_uncertain``) the pixels where the walk and the CRF
     disagree are stored as 255 (:mod:`wsss.uncertain`), and the meta counts them."""
     num_classes = manifest.num_classes
     matrices = {name: np.zeros((num_classes, num_classes), dtype=np.int64) for name in CONFUSIONS}
-    items = list(pseudo_masks(model, manifest.derive(shard_records), cams, params, show=False))
+    floor = None
+    if merge is not None and merge[0].config.background_seed > 0:
+        person_merge, split, presence = merge
+        floor = partial(person_merge.background_floor, split, presence=presence)
+    items = list(pseudo_masks(model, manifest.derive(shard_records), cams, params, show=False, background_floor=floor))
     masks = [item.mask for item in items]
     if merge is not None:
         person_merge, split, presence = merge
@@ -205,7 +211,7 @@ def run_pseudo_masks(params: Params, root: Path) -> dict | None:
     if walk.post_crf or (merge and params.person.post_crf):
         logged.update(flatten(params.crf.model_dump(), "crf."))
     if merge:
-        logged.update({f"person.{k}": getattr(params.person, k) for k in ("presence_threshold", "cam_threshold", "post_crf")})
+        logged.update({f"person.{k}": getattr(params.person, k) for k in ("presence_threshold", "cam_threshold", "post_crf", "background_seed")})
 
     with tracking.stage_run("pseudo_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
         with resumable_dir(root / PSEUDO_DIR, output_fingerprint(params, hashes, merge is not None), context) as staging:
