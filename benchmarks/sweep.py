@@ -20,7 +20,7 @@ import optuna
 
 from _scratch import REPO, scratch_project
 from wsss.config import load_params
-from wsss.sweep import open_storage, run_sweep, storage_url, study_name
+from wsss.stages.sweep import open_storage, run_sweep, storage_url, study_name
 
 REUSED = ("data/prepared", "data/splits", "cams", "models/classifier")
 

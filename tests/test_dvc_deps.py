@@ -1,7 +1,7 @@
 """Each DVC stage lists as deps the library code it runs, so that `dvc repro` re-runs it when that
 code changes (a stage whose code changed but whose deps did not would keep stale outputs).
 
-A stage runs its entry script, which calls one stage module of ``wsss.stages`` (``wsss.sweep`` for the
+A stage runs its entry script, which calls one stage module of ``wsss.stages`` (``wsss.stages.sweep`` for the
 sweep); what that module imports, at module or function level, transitively, is its code."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _stage_module(command_line: str) -> tuple[str, str]:
     script = next(word for word in command_line.split() if word.endswith(".py"))
     command = Path(script).stem.replace("_", "-")
     if command == "sweep":
-        return script, "wsss.sweep"
+        return script, "wsss.stages.sweep"
     return script, {**STAGES, **ABLATION_STAGES}[command].module
 
 

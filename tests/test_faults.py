@@ -25,7 +25,7 @@ from test_sweep import SWEEP, cams_template, sweep_project  # noqa: F401  (fixtu
 
 from wsss.cli import main
 from wsss.config import load_params
-from wsss.sweep import open_storage, study_name
+from wsss.stages.sweep import open_storage, study_name
 
 CLASSIFIER = {**STEP1, "classifier.epochs": 4, "classifier.threads": 1}
 

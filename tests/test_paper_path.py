@@ -199,9 +199,9 @@ def test_the_code_digest_follows_the_closure(tmp_path, monkeypatch):
     provenance.clear_cache()
     files = {p.relative_to(src).as_posix() for p in provenance.output_code("wsss.stages.classifier")}
     assert {"wsss/stages/classifier.py", "wsss/classifier.py", "wsss/models/classifier.py", "wsss/augment.py"} <= files
-    assert not files & {"wsss/sweep.py", "wsss/config.py", "wsss/tracking.py", "wsss/random_walk.py"}
+    assert not files & {"wsss/stages/sweep.py", "wsss/config.py", "wsss/tracking.py", "wsss/random_walk.py"}
     before = provenance.code_digest("wsss.stages.classifier")
-    with (src / "wsss/sweep.py").open("a") as handle:
+    with (src / "wsss/stages/sweep.py").open("a") as handle:
         handle.write("\n# unrelated edit\n")
     provenance.clear_cache()
     assert provenance.code_digest("wsss.stages.classifier") == before

@@ -19,7 +19,7 @@ from wsss.cli import main
 from wsss.config import load_params
 from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError
-from wsss.sweep import TrialEvaluator, open_storage, run_sweep, storage_url, study_name, with_values
+from wsss.stages.sweep import TrialEvaluator, open_storage, run_sweep, storage_url, study_name, with_values
 
 SWEEP = {**STEP2, "irnet.train_scales": [1.0], "irnet.background": "plane", "irnet.post_crf": False, "irnet.ignore_uncertain": False,
          "irnet.confidence_cutoff": 0.05, "irnet.threshold": 0.5,
@@ -103,7 +103,7 @@ def test_sweep_runs_the_trials_logs_them_and_writes_the_best_values(sweep_projec
 
 
 def test_a_threshold_only_change_reuses_irnet_and_the_walk(sweep_project, monkeypatch):
-    import wsss.sweep as sweep_module
+    import wsss.stages.sweep as sweep_module
 
     root = sweep_project
     params = load_params(root / "params.yaml")

@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> None:
         return
 
     if args.command == "sweep":
-        from wsss.sweep import run_sweep
+        from wsss.stages.sweep import run_sweep
 
         best = run_sweep(params, root, resume=args.resume, workers=args.workers, params_path=params_path)
         print(f"best of {best['trials_complete']} complete trials ({best['trials_pruned']} pruned): "

@@ -1,6 +1,6 @@
 """What code a stage runs, and a digest of it.
 
-A stage's code is its module of ``wsss.stages`` (``wsss.sweep`` for the sweep) and every ``wsss``
+A stage's code is its module of ``wsss.stages`` (``wsss.stages.sweep`` for the sweep) and every ``wsss``
 module that module imports, at module or function level, transitively (found with :mod:`ast`, so
 nothing is imported to find it). The same closure is what each stage of the three ``dvc.yaml``
 files lists as deps (``tests/test_dvc_deps.py`` checks it), and its digest is part of every
