@@ -74,13 +74,12 @@ def mask_shard(model, manifest: Manifest, shard_records: list, cams: CamStore, p
     num_classes = manifest.num_classes
     matrices = {name: np.zeros((num_classes, num_classes), dtype=np.int64) for name in CONFUSIONS}
     floor = None
-    if merge is not None and merge[0].config.background_seed > 0:
+    if merge is not None:
         person_merge, split, presence = merge
-        floor = partial(person_merge.background_floor, split, presence=presence)
+        floor = partial(person_merge.background_floor, split, presence=presence)  # None per image when off
     items = list(pseudo_masks(model, manifest.derive(shard_records), cams, params, show=False, background_floor=floor))
     masks = [item.mask for item in items]
     if merge is not None:
-        person_merge, split, presence = merge
         masks, _ = person_merge.apply(split, shard_records, lambda p: items[p].image, masks, presence)
     if scored:
         for item, mask in zip(items, masks, strict=True):
