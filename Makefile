@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
 
-# One pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once).
+# One pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once);
+# the slowest files first (tests/conftest.py, SLOW_FILES).
 test: $(STAMP)
-	PATH="$(BIN):$$PATH" python -m pytest -q --durations=10 -n logical --dist loadfile
+	PATH="$(BIN):$$PATH" python -m pytest -q --durations=10 -n logical --dist loadfile --no-loadscope-reorder

@@ -21,6 +21,17 @@ TINY = {
 }
 
 
+# The files that take minutes, longest first (`make test`: pytest-xdist hands out whole files in
+# collection order, --no-loadscope-reorder): started last, they would leave one worker running alone.
+SLOW_FILES = ("test_faults.py", "test_paper_repro_voc.py", "test_paper_repro_lid.py", "test_distributed.py", "test_ablation.py",
+              "test_dvc_pipeline.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: each file's own order stays
+
+
 def set_dotted(document: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     node = document

@@ -48,25 +48,28 @@ def shows_person(probability: float, labels: tuple[int, ...], person: int, prese
     return person in labels or probability >= presence_threshold
 
 
-def merge_person(mask: np.ndarray, person_map: np.ndarray, person: int, cam_threshold: float) -> np.ndarray:
-    """Background pixels of ``mask`` whose ``person_map`` (max-normalised CAM, same size) reaches
-    ``cam_threshold`` become ``person``; every other pixel keeps its label."""
-    if mask.shape != person_map.shape:
-        raise ValueError(f"mask {mask.shape} and person map {person_map.shape} differ in size")
+def peak_normalised(person_map: np.ndarray) -> np.ndarray:
+    """``person_map`` divided by its peak: 1 at the strongest pixel; all zeros for a map without a
+    positive value."""
     peak = float(person_map.max()) if person_map.size else 0.0
     if peak <= 0:
-        return mask.copy()
+        return np.zeros(person_map.shape, np.float32)
+    return (person_map / peak).astype(np.float32)
+
+
+def merge_person(mask: np.ndarray, person_map: np.ndarray, person: int, cam_threshold: float) -> np.ndarray:
+    """Background pixels of ``mask`` whose ``person_map`` (max-normalised CAM, same size) reaches
+    ``cam_threshold`` (> 0) become ``person``; every other pixel keeps its label."""
+    if mask.shape != person_map.shape:
+        raise ValueError(f"mask {mask.shape} and person map {person_map.shape} differ in size")
     merged = mask.copy()
-    merged[(mask == 0) & (person_map / peak >= cam_threshold)] = person
+    merged[(mask == 0) & (peak_normalised(person_map) >= cam_threshold)] = person
     return merged
 
 
 def person_floor(person_map: np.ndarray, weight: float) -> np.ndarray:
     """``weight`` x ``person_map`` divided by its peak (all zeros for a map without a positive value)."""
-    peak = float(person_map.max()) if person_map.size else 0.0
-    if peak <= 0:
-        return np.zeros(person_map.shape, np.float32)
-    return (weight * person_map / peak).astype(np.float32)
+    return weight * peak_normalised(person_map)
 
 
 # Whose word decides that an image shows a person: ``noisy`` (training images: their source labels,

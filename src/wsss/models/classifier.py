@@ -125,24 +125,11 @@ def _dilate(blocks: nn.Module, dilation: int) -> None:
 def mobilenet_v2_backbone(weights: str) -> StagedBackbone:
     """torchvision's MobileNetV2 features 0-17 at output stride 8 (blocks 7-13 dilated by 2, 14-17 by 4):
     four stages /4, /8, /8, /8 of 24, 32, 96, 320 channels. ``weights``: none | imagenet | a local
-    state dict of torchvision's ``mobilenet_v2`` (whole, or its ``features.*`` entries)."""
+    state dict of torchvision's ``mobilenet_v2`` (whole, its ``features.*`` entries, or ``features``' own)."""
     import torchvision
 
     net = torchvision.models.mobilenet_v2(weights=None)
-    if weights != "none":
-        if weights == "imagenet":
-            enum = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
-            local = imagenet_file(Path(enum.url).name)
-            state = _load_state_dict(local) if local else imagenet_state_dict(enum, "classifier.weights")
-        else:
-            state = _load_state_dict(Path(weights))
-        if not isinstance(state, dict) or not all(isinstance(name, str) for name in state):
-            raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not hold a state dict")])
-        features = {name.removeprefix("features."): value for name, value in state.items() if name.startswith("features.")}
-        try:
-            net.features.load_state_dict(features)
-        except RuntimeError as error:
-            raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not fit torchvision's mobilenet_v2 ({error})")]) from None
+    _load_features(net.features, weights, "MobileNet_V2_Weights", "mobilenet_v2")
     layers = list(net.features.children())
     _dilate(nn.Sequential(*layers[7:14]), 2)
     _dilate(nn.Sequential(*layers[14:18]), 4)
@@ -177,6 +164,30 @@ def _load_state_dict(path: Path, key: str = "classifier.weights") -> dict:
         raise ConfigError("params.yaml", [(key, f"{path} is not a readable state dict ({error})")]) from None
 
 
+def _load_features(features: nn.Sequential, weights: str, weights_enum: str, arch: str) -> None:
+    """Load the weights of torchvision's ``arch`` into its ``features`` (``classifier.weights``): ``none``
+    leaves them, ``imagenet`` takes torchvision's file (an installed copy first, see :func:`imagenet_file`),
+    a path a local state dict (whole, its ``features.*`` entries, or ``features``' own)."""
+    if weights == "none":
+        return
+    if weights == "imagenet":
+        import torchvision
+
+        enum = getattr(torchvision.models, weights_enum).IMAGENET1K_V1
+        local = imagenet_file(Path(enum.url).name)
+        state = _load_state_dict(local) if local else imagenet_state_dict(enum, "classifier.weights")
+    else:
+        state = _load_state_dict(Path(weights))
+    if not isinstance(state, dict) or not all(isinstance(name, str) for name in state):
+        raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not hold a state dict")])
+    if any(name.startswith("features.") for name in state):  # a whole network's: the classifier layers are not used
+        state = {name.removeprefix("features."): value for name, value in state.items() if name.startswith("features.")}
+    try:
+        features.load_state_dict(state)
+    except RuntimeError as error:
+        raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not fit torchvision's {arch} ({error})")]) from None
+
+
 def imagenet_state_dict(weights_enum, key: str) -> dict:
     """torchvision's ImageNet weights (downloaded once into the torch hub cache); a failed download
     (no network, a proxy, a broken cache) is a :class:`ConfigError` against param ``key``."""
@@ -188,29 +199,34 @@ def imagenet_state_dict(weights_enum, key: str) -> dict:
         raise ConfigError("params.yaml", [(key, message)]) from None
 
 
+# torchvision's VGG16 ("D") layer list: output channels of each 3x3 conv, "M" a 2x2 max pool.
+_VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg16_bn_features() -> nn.Sequential:
+    """torchvision's ``vgg16_bn().features`` (same layers, indices and initialisation), built without
+    the 120M-parameter fully connected head that the D1 variant drops (8x faster to build)."""
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for entry in _VGG16_LAYERS:
+        if entry == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        conv = nn.Conv2d(in_channels, entry, kernel_size=3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.BatchNorm2d(entry), nn.ReLU(inplace=True)]
+        in_channels = entry
+    return nn.Sequential(*layers)
+
+
 def vgg16_bn_d1_backbone(weights: str) -> nn.Sequential:
     """torchvision's VGG16-BN features, turned into the D1 variant (output stride 8). ``weights``:
     ``none``, ``imagenet`` or a local torchvision ``vgg16_bn`` state dict (whole, its ``features.*``
     entries alone, or ``vgg.features``' own: the classifier layers are not used)."""
-    import torchvision
-
-    vgg = torchvision.models.vgg16_bn(weights=None)
-    if weights != "none":
-        if weights == "imagenet":
-            state = imagenet_state_dict(torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1, "classifier.weights")
-        else:
-            state = _load_state_dict(Path(weights))
-        if not isinstance(state, dict) or not all(isinstance(name, str) for name in state):
-            raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not hold a state dict")])
-        if any(name.startswith("features.") for name in state):
-            features = {name.removeprefix("features."): value for name, value in state.items() if name.startswith("features.")}
-        else:  # saved from vgg.features itself
-            features = state
-        try:
-            vgg.features.load_state_dict(features)
-        except RuntimeError as error:
-            raise ConfigError("params.yaml", [("classifier.weights", f"{weights} does not fit torchvision's vgg16_bn ({error})")]) from None
-    layers = list(vgg.features.children())
+    backbone = vgg16_bn_features()
+    _load_features(backbone, weights, "VGG16_BN_Weights", "vgg16_bn")
+    layers = list(backbone.children())
     pools = [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
     pool4, pool5 = pools[3], pools[4]
     layers[pool4] = nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
