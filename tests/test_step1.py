@@ -236,6 +236,27 @@ def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project, caps
     assert plane["person_merge"] is False and "before_person_merge_miou" not in plane["val"]
 
 
+def write_made_up_person_cams(root: Path, size: int = 32) -> dict[str, dict[str, float]]:
+    """Person CAMs as the person_classifier stage stores them in ``root/cams_person`` (made up: its
+    training is tested elsewhere): the left half of every image, P(person) 0.01 or 0.9 in turn. Returns
+    the probabilities per split."""
+    from wsss.cam import ImageCams, cams_arrays
+    from wsss.shards import write_index, write_shard
+
+    manifests = {"train": load_manifest(root / "data/splits/train.json"), "val": load_manifest(root / "data/splits/val.json")}
+    person = manifests["val"].person_class
+    left = np.zeros((1, size, size))
+    left[..., : size // 2] = 1.0
+    probability = {}
+    for split, manifest in manifests.items():
+        probability[split] = {r.id: 0.9 if i % 2 else 0.01 for i, r in enumerate(manifest.records)}
+        arrays = cams_arrays(ImageCams(np.array([person]), left[:, ::4, ::4], left, np.array([0.5]), np.array([person]), 0.5))
+        write_shard(root / "cams_person" / split / "shard-00000.npz", [(r.id, arrays) for r in manifest.records])
+        write_index(root / "cams_person" / split)
+    (root / "cams_person/index.json").write_text(json.dumps({"class_id": person, "probability": probability}))
+    return probability
+
+
 def _check_person_merge(root: Path, capsys) -> None:
     """person.merge, after the step-2 stages: the person classifier's CAMs turn background pixels of the
     images that show a person into person; val decides by its image labels, val_predicted by the person
@@ -251,22 +272,9 @@ def _check_person_merge(root: Path, capsys) -> None:
     assert main(["pseudo-masks", "--root", str(root)]) == 2  # no person CAMs yet: named, no output replaced
     assert "cams_person/index.json: no person CAMs: run the person_classifier stage first" in capsys.readouterr().err
     assert MaskStore(root / "pseudo_masks/val").load(next(iter(unmerged["val"]))).shape == (32, 32)
-    # person CAMs as the person_classifier stage stores them (made up: its training is tested elsewhere): the
-    # left half of every image, P(person) 0.9 or 0.01 in turn
-    from wsss.cam import ImageCams, cams_arrays
-    from wsss.shards import write_index, write_shard
-
     manifests = {"train": load_manifest(root / "data/splits/train.json"), "val": load_manifest(root / "data/splits/val.json")}
     person = manifests["val"].person_class
-    left = np.zeros((1, 32, 32))
-    left[..., :16] = 1.0
-    probability = {}
-    for split, manifest in manifests.items():
-        probability[split] = {r.id: 0.9 if i % 2 else 0.01 for i, r in enumerate(manifest.records)}
-        arrays = cams_arrays(ImageCams(np.array([person]), left[:, ::4, ::4], left, np.array([0.5]), np.array([person]), 0.5))
-        write_shard(root / "cams_person" / split / "shard-00000.npz", [(r.id, arrays) for r in manifest.records])
-        write_index(root / "cams_person" / split)
-    person_index.write_text(json.dumps({"class_id": person, "probability": probability}))
+    probability = write_made_up_person_cams(root)
     assert main(["pseudo-masks", "--root", str(root)]) == 0
     decided = {"train": lambda r: person in r.source_labels or probability["train"][r.id] >= 0.05,
                "val": lambda r: person in r.labels, "val_predicted": lambda r: probability["val"][r.id] >= 0.05}

@@ -8,17 +8,20 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 import yaml
 from conftest import make_document, make_params
 from optuna.trial import TrialState
-from test_step1 import STEP2
+from test_step1 import STEP2, write_made_up_person_cams
 
 from wsss.cli import main
 from wsss.config import load_params
 from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError
+from wsss.io import read_mask
+from wsss.shards import MaskStore
 from wsss.stages.sweep import TrialEvaluator, open_storage, run_sweep, storage_url, study_name, with_values
 
 SWEEP = {**STEP2, "irnet.train_scales": [1.0], "irnet.background": "plane", "irnet.post_crf": False, "irnet.ignore_uncertain": False,
@@ -125,6 +128,39 @@ def test_a_threshold_only_change_reuses_irnet_and_the_walk(sweep_project, monkey
     fewer = confidences[len(confidences) // 2]  # keeps the upper half
     evaluator.pseudo_mask_miou(with_values(params, {"irnet.confidence_cutoff": fewer, "irnet.threshold": 0.05}))
     assert evaluator.irnet_trainings == 2
+
+
+def test_the_objective_scores_the_masks_the_pseudo_masks_stage_makes_with_the_person_merge(sweep_project):
+    """With the person merged in and flooring the walk (the CPU default), a trial's value is the val mIoU
+    of the masks that the pseudo_masks stage makes with the same IRNet, and the final objective trains on
+    the training masks that stage stores: the sweep tunes the pipeline as it runs."""
+    root = sweep_project
+    merged = {**SWEEP, "irnet.background": "walk", "irnet.bg_weight": 1.2, "irnet.post_crf": True, "irnet.ignore_uncertain": True,
+              "person.merge": True, "person.background_seed": 0.5, "person.cam_threshold": 0.3,
+              "sweep.space": {"irnet.bg_weight": {"low": 0.8, "high": 1.6}}, "segmenter.epochs": 1, "segmenter.batch_size": 8,
+              "segmenter.image_size": 32, "segmenter.decoder_channels": 16}
+    (root / "params.yaml").write_text(yaml.safe_dump(make_document(merged)))
+    write_made_up_person_cams(root)
+    params = load_params(root / "params.yaml")
+    evaluator = TrialEvaluator(params, root)
+    value = evaluator.pseudo_mask_miou(params)
+    key, _ = evaluator.irnet(params)
+    (root / "models/irnet").mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "sweeps/cache/irnet" / key / "model.pt", root / "models/irnet/model.pt")
+    assert main(["pseudo-masks", "--root", str(root)]) == 0
+    stage = json.loads((root / "metrics/pseudo_masks.json").read_text())
+    assert stage["person_merge"] and value == pytest.approx(stage["val"]["miou"], abs=1e-12)
+    # the final objective trains on the training masks the stage stores (person merged, uncertain pixels 255)
+    evaluator.final_miou(params, root / "sweeps/trial")
+    stored = MaskStore(root / "pseudo_masks/train")
+    ids = list(stored.reader.index)
+    assert ids and all(np.array_equal(read_mask(root / "sweeps/trial/pseudo_masks" / f"{i}.png"), stored.load(i)) for i in ids)
+    assert any((stored.load(i) == 255).any() for i in ids)
+    # the merge and the floor count: another person setting is another study with another value
+    for change in ({"merge": False}, {"background_seed": 0.0}):
+        other = params.model_copy(update={"person": params.person.model_copy(update=change)})
+        assert study_name(other, root) != study_name(params, root)
+        assert TrialEvaluator(other, root).pseudo_mask_miou(other) != pytest.approx(value, abs=1e-6), change
 
 
 def test_resume_reruns_a_trial_killed_mid_way_once_and_completes_the_study(sweep_project):

@@ -183,7 +183,8 @@ def ignored_share(shard_metas: list[dict]) -> float:
     return sum(meta["ignored"] for meta in shard_metas) / pixels if pixels else 0.0
 
 
-def _merge(params: Params, root: Path, person: int | None) -> PersonMerge | None:
+def load_person_merge(params: Params, root: Path, person: int | None) -> PersonMerge | None:
+    """The person merge of ``params.person`` on the person_classifier stage's CAMs (None when ``person.merge`` is off)."""
     if not params.person.merge:
         return None
     if person is None:
@@ -197,7 +198,7 @@ def run_pseudo_masks(params: Params, root: Path) -> dict | None:
     manifests = stage_manifests(root)
     context = distributed.current()
     model = load_irnet(params, root / IRNET_PATH, root / CLASSIFIER_PATH, context.device)
-    merge = _merge(params, root, manifests["val"].person_class)
+    merge = load_person_merge(params, root, manifests["val"].person_class)
     torch.set_num_threads(context.cpu_threads())
     if not context.is_main:  # a torchrun process but rank 0: its share, nothing logged
         with resumable_dir(root / PSEUDO_DIR, "", context) as staging:  # rank 0 checks the fingerprint

@@ -15,6 +15,10 @@ What a trial reuses (``sweeps/cache/``, never versioned):
 - the random walk on the val images is kept in memory per IRNet: a trial that changes only
   ``irnet.threshold`` or ``irnet.bg_weight`` re-runs only the walk's last step (and the CRF).
 
+A trial's pseudo masks are made as the ``pseudo_masks`` stage makes them: under ``person.merge`` the
+person CAMs floor the walk's background seed and are merged in (val: by the image labels, train: by
+the noisy rule); the ``final`` objective's training masks keep ``irnet.ignore_uncertain``'s 255s.
+
 Objectives: ``pseudo_masks`` (cheap, the default): val mIoU of the pseudo masks, reported per
 quarter of the val images to a percentile pruner (the bottom quarter is pruned); ``final``: DeepLabv3+ (the ``segmenter`` group) trained
 on the trial's pseudo masks of the training images, its best val mIoU, reported per epoch.
@@ -47,16 +51,18 @@ from wsss import checkpoint, distributed, provenance, tracking
 from wsss.cam import CamStore
 from wsss.config import Params, flatten, sweep_space_problems
 from wsss.crf import CrfTask, crf_many
-from wsss.data.manifest import load_manifest
+from wsss.data.manifest import ImageRecord, load_manifest
 from wsss.errors import ConfigError, DataError, WsssError
 from wsss.io import read_image, read_json, read_mask, write_csv, write_json, write_mask_png
 from wsss.ir_labels import IrInput, ir_labels_many
 from wsss.irnet import IrDataset, build_irnet, train_irnet
 from wsss.metrics import confusion_matrix, segmentation_scores
-from wsss.irnet_inference import load_irnet, masks_from_walk, pseudo_masks, walk_chunk
-from wsss.stages.paths import CAMS_DIR, CLASSIFIER_PATH, INDEX_FILE, SPLITS_DIR
+from wsss.irnet_inference import load_irnet, masks_from_walk, walk_chunk
+from wsss.shards import MASK
+from wsss.stages.paths import CAMS_DIR, CLASSIFIER_PATH, INDEX_FILE, PERSON_CAMS, SPLITS_DIR
 from wsss.stages.ir_labels import confident_ids
 from wsss.stages.irnet import TRAIN_KEYS
+from wsss.stages.pseudo_masks import PRESENCE, load_person_merge, mask_shard
 
 SWEEPS_DIR = Path("sweeps")
 CACHE_DIR = SWEEPS_DIR / "cache"
@@ -129,9 +135,13 @@ def fixed_inputs(params: Params, root: Path) -> dict[str, Any]:
     sweep = params.sweep
     irnet = {k: v for k, v in params.irnet.model_dump().items() if f"irnet.{k}" not in sweep.space and k not in ("workers", "threads")}
     inputs = {"cams": root / CAMS_DIR, "classifier": root / CLASSIFIER_PATH, "splits": root / SPLITS_DIR}
+    if params.person.merge:
+        inputs["cams_person"] = root / PERSON_CAMS
     fixed = {"seed": params.seed, "irnet": irnet, "crf": {k: v for k, v in params.crf.model_dump().items() if k != "workers"},
              "objective": sweep.objective, "space": {k: v.model_dump() for k, v in sweep.space.items()},
              "inputs": tracking.input_hashes(inputs), "code": provenance.code_digest(__name__)}
+    if params.person.merge:
+        fixed["person"] = params.person.model_dump(exclude={"epochs"})
     if sweep.objective == "final":
         fixed["segmenter"] = {k: v for k, v in params.segmenter.model_dump().items() if k not in ("workers", "threads")}
     return fixed
@@ -174,10 +184,14 @@ def _ask_lock(root: Path) -> Iterator[None]:
 class _Item:
     """An image with its CAMs (and, for val, its ground-truth mask) held in memory."""
 
-    id: str
+    record: ImageRecord
     image: np.ndarray
     cams: Any
     truth: np.ndarray | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.id
 
 
 class TrialEvaluator:
@@ -189,6 +203,7 @@ class TrialEvaluator:
         self.val_manifest = load_manifest(self.root / SPLITS_DIR / "val.json")
         self.index = read_json(self.root / CAMS_DIR / INDEX_FILE)
         self.num_classes = self.val_manifest.num_classes
+        self.person_merge = load_person_merge(params, self.root, self.val_manifest.person_class)
         self.cache = self.root / CACHE_DIR
         self.device = distributed.current().device
         self.irnet_trainings = 0  # IRNets trained (not loaded from the cache) by this evaluator
@@ -211,7 +226,7 @@ class TrialEvaluator:
                     continue
                 image = read_image(manifest.image_path(record))
                 cams = store.load(record.id, expected_size=image.shape[:2])
-                self._val.append(_Item(record.id, image, cams, read_mask(manifest.mask_path(record))))
+                self._val.append(_Item(record, image, cams, read_mask(manifest.mask_path(record))))
             if not self._val:
                 raise WsssError(f"{self.root / SPLITS_DIR / 'val.json'}: no val image has a mask to score a trial on")
         return self._val
@@ -263,7 +278,9 @@ class TrialEvaluator:
                 size = params.compute.chunk_size
                 for start in range(0, len(images), size):
                     chunk = images[start : start + size]
-                    walked += walk_chunk(model, [v.image for v in chunk], [v.cams for v in chunk], params.irnet)
+                    floors = None if self.person_merge is None else [
+                        self.person_merge.background_floor("val", v.record, v.image.shape[:2], PRESENCE["val"]) for v in chunk]
+                    walked += walk_chunk(model, [v.image for v in chunk], [v.cams for v in chunk], params.irnet, floors)
             self._walked[key] = walked
             while len(self._walked) > WALKS_KEPT:  # the oldest goes: memory stays bounded
                 self._walked.pop(next(iter(self._walked)))
@@ -274,6 +291,8 @@ class TrialEvaluator:
         if params.irnet.post_crf:
             tasks = [CrfTask(v.id, v.image, m) for v, m in zip(items, masks, strict=True)]
             masks = [refined for _, refined in crf_many(tasks, params.crf)]
+        if self.person_merge is not None:
+            masks, _ = self.person_merge.apply("val", [v.record for v in items], lambda p: items[p].image, masks, PRESENCE["val"])
         return masks
 
     def pseudo_mask_miou(self, params: Params, report=None) -> float:
@@ -300,8 +319,14 @@ class TrialEvaluator:
         masks_dir = trial_dir / "pseudo_masks"
         masks_dir.mkdir(parents=True, exist_ok=True)
         records = self.train.records
-        for item in pseudo_masks(model, self.train, self.root / CAMS_DIR / "train", params, desc="sweep pseudo masks"):
-            write_mask_png(masks_dir / f"{item.record.id}.png", item.mask)
+        cams = CamStore(self.root / CAMS_DIR / "train")
+        merge = None if self.person_merge is None else (self.person_merge, "train", PRESENCE["train"])
+        size = params.compute.chunk_size
+        for start in tqdm(range(0, len(records), size), desc="sweep pseudo masks", unit="batch"):
+            chunk = records[start : start + size]
+            masks, _ = mask_shard(model, self.train, chunk, cams, params, scored=False, merge=merge, ignore=params.irnet.ignore_uncertain)
+            for record, stored in zip(chunk, masks, strict=True):
+                write_mask_png(masks_dir / f"{record.id}.png", stored[MASK])
         config = params.segmenter
         spec = segmenter_spec(params, self.train)
         encoder_weights, _ = encoder_inputs(params, self.root)
