@@ -88,7 +88,7 @@ def main() -> None:
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["wsss"], order_by=["attributes.start_time ASC"])
-    print(f"`dvc repro` on a fresh clone of {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True, text=True).stdout.strip()}, "
+    print(f"`dvc repro` on a fresh clone of {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=clone, capture_output=True, text=True).stdout.strip()}, "
           f"{os.cpu_count()} cores")
     print("| stage | seconds |")
     print("|---|---:|")
