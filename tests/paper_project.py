@@ -207,8 +207,7 @@ def run(args: list[str] | str, cwd: Path, env: dict, check: bool = True) -> subp
     return done
 
 
-def paper_project(root: Path, source: str, weights: dict[str, str], mlflow_uri: str, overrides: dict | None = None,
-                  **tree_size: int) -> tuple[Path, dict]:
+def paper_project(root: Path, source: str, weights: dict[str, str], mlflow_uri: str, overrides: dict | None = None) -> tuple[Path, dict]:
     """A git + DVC project whose params.yaml is the shrunk paper profile on a tiny ``source`` tree."""
     copy_project(root)
     env = command_env(mlflow_uri)
@@ -218,7 +217,7 @@ def paper_project(root: Path, source: str, weights: dict[str, str], mlflow_uri: 
     # the README's instructions: the profile as params.yaml, data.root set to the data
     shutil.copy(root / "profiles/paper.yaml", root / "params.yaml")
     tree = root / "data" / source
-    (write_voc_tree if source == "voc" else write_lid_tree)(tree, **tree_size)
+    (write_voc_tree if source == "voc" else write_lid_tree)(tree)
     document = paper_document({**weights, "data.source": source, "data.root": f"data/{source}", **(overrides or {})})
     (root / "params.yaml").write_text(yaml.safe_dump(copy.deepcopy(document), sort_keys=False))
     return root, env
