@@ -37,6 +37,9 @@ def test_vgg16_bn_features_are_torchvisions_layers_and_initialisation():
 
     torch.manual_seed(0)
     ours = vgg16_bn_features()
+    for conv in (m for m in ours if isinstance(m, nn.Conv2d)):  # torchvision's init: kaiming normal, fan_out, zero bias
+        expected = (2 / (conv.out_channels * 9)) ** 0.5
+        assert abs(conv.weight.std().item() - expected) < 0.1 * expected and not conv.bias.any()
     theirs = torchvision.models.vgg16_bn(weights=None).features
     assert [type(m) for m in ours] == [type(m) for m in theirs]
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
@@ -46,11 +49,6 @@ def test_vgg16_bn_features_are_torchvisions_layers_and_initialisation():
             assert (mine.padding, mine.kernel_size) == (reference.padding, reference.kernel_size)
         if isinstance(mine, nn.MaxPool2d):
             assert (mine.kernel_size, mine.stride) == (reference.kernel_size, reference.stride)
-    torch.manual_seed(0)
-    fresh = vgg16_bn_features()
-    for conv in (m for m in fresh if isinstance(m, nn.Conv2d)):  # kaiming normal, fan_out, zero bias
-        expected = (2 / (conv.out_channels * 9)) ** 0.5
-        assert abs(conv.weight.std().item() - expected) < 0.1 * expected and not conv.bias.any()
 
 
 def test_small_cnn_has_output_stride_8_and_two_parameter_groups():
