@@ -4,6 +4,7 @@ main pipeline run by torchrun with 2 gloo processes against the same stage run a
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -21,13 +22,15 @@ from test_step3 import STEP3
 from torch.utils.data import DataLoader, TensorDataset
 
 from wsss import distributed
-from wsss.cli import main
+from wsss.cli import EXIT_USER_ERROR, main
 from wsss.config import validate_params
 from wsss.distributed import Context, GlobalBatchSampler, shard, shard_range
-from wsss.errors import ConfigError
+from wsss.affinity import half_plane_offsets
+from wsss.errors import ConfigError, TrainingDiverged
+from wsss.irnet import irnet_losses
 
-# Batch sizes are global batches: multiples of the 2 processes.
-PARALLEL = {**STEP3, "classifier.epochs": 3, "classifier.batch_size": 8, "classifier.threads": 1, "irnet.batch_size": 8,
+# Batch sizes are global batches: multiples of the 2 processes; fp32, whose rounding the tolerances below measure.
+PARALLEL = {**STEP3, "compute.precision": "fp32", "classifier.epochs": 3, "classifier.batch_size": 8, "classifier.threads": 1, "irnet.batch_size": 8,
             "segmenter.batch_size": 8, "segmenter.epochs": 2, "compute.shard_size": 8}  # several shards: each process writes some
 # The tolerance of 2 processes against 1 (measured: benchmarks/README.md, "Several processes").
 # IRNet: the same loss to float rounding (same global batches, GroupNorm, pair means over the global
@@ -138,6 +141,53 @@ def test_bf16_training_runs_and_never_resumes_an_fp32_checkpoint(project, mlflow
     assert list(runs["tags.wsss.precision"]) == ["fp32", "bf16"]
     assert list(runs["tags.wsss.resumed_from_epoch"]) == ["None", "None"]  # bf16 trained anew, not resumed
     assert bf16["epochs"] == fp32["epochs"] == 1 and 0.0 <= bf16["val_macro_f1"] <= 1.0
+
+
+class _SaturatedIrnet(torch.nn.Module):
+    """IRNet's two outputs as bf16 autocast gives them where the boundary map is saturated at 0
+    (sigmoid(-20)): in bf16, 1 - sigmoid(-20) rounds to 1, the affinity of a pair across classes."""
+
+    def forward(self, images):
+        grid = ((images.shape[-2] + 3) // 4, (images.shape[-1] + 3) // 4)
+        boundary_logits = torch.full((len(images), 1, *grid), -20.0, requires_grad=True)
+        displacement = torch.zeros((len(images), 2, *grid), requires_grad=True)
+        return boundary_logits.bfloat16(), displacement.bfloat16()
+
+
+def test_irnet_losses_stay_finite_under_bf16_when_the_boundary_map_saturates():
+    labels = torch.zeros((1, 16, 16), dtype=torch.long)
+    labels[:, :, 8:] = 1  # a class edge: negative pairs whose affinity is 1 in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = irnet_losses(_SaturatedIrnet(), torch.zeros((1, 3, 16, 16)), labels, half_plane_offsets(2))
+    assert all(torch.isfinite(value) for value in losses.values()), losses
+    assert losses["neg"].item() == pytest.approx(-math.log(1e-5), rel=1e-3)  # fp32: 1 + 1e-5 - 1, not 0
+    losses["total"].backward()
+
+
+def test_a_nan_loss_is_refused_before_it_reaches_the_weights():
+    context = distributed.init(validate_params(make_document({"compute.precision": "bf16"})).compute)
+    try:
+        layer = torch.nn.Linear(2, 1)
+        before = [parameter.detach().clone() for parameter in layer.parameters()]
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        loss = layer(torch.tensor([[float("nan"), 1.0]])).sum()
+        with pytest.raises(TrainingDiverged, match=r"params.yaml: irnet: the training loss is nan in epoch 3 \(compute.precision: bf16\)"):
+            distributed.optimizer_step(loss, optimizer, context.grad_scaler(), "irnet", 3)
+        assert all(torch.equal(old, new) for old, new in zip(before, layer.parameters(), strict=True))
+        distributed.optimizer_step(layer(torch.ones((1, 2))).sum(), optimizer, None, "irnet", 3)  # a finite loss steps
+        assert not all(torch.equal(old, new) for old, new in zip(before, layer.parameters(), strict=True))
+    finally:
+        distributed.shutdown()
+
+
+def test_a_diverging_training_stage_exits_non_zero_and_leaves_no_outputs(project, mlflow_store, monkeypatch, capsys):
+    (project / "params.yaml").write_text(yaml.safe_dump(make_document({**PARALLEL, "classifier.epochs": 1})))
+    for stage in ("prepare", "split"):
+        assert main([stage, "--root", str(project)]) == 0
+    monkeypatch.setattr(torch.nn.BCEWithLogitsLoss, "forward", lambda self, logits, targets: (logits * float("nan")).mean())
+    assert main(["train-classifier", "--root", str(project)]) == EXIT_USER_ERROR
+    assert "classifier: the training loss is nan in epoch 1" in capsys.readouterr().err
+    assert not (project / "metrics/classifier.json").exists() and not (project / "models/classifier").exists()
 
 
 # --- each stage under torchrun (2 gloo processes) against 1 process ---------------------------------------------

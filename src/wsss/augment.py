@@ -11,17 +11,24 @@ resumed run sees exactly the augmentations an uninterrupted one would.
 
 from __future__ import annotations
 
-import albumentations as A
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from wsss.io import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 def augmentations(kind: str) -> list[A.BasicTransform]:
+    # imported here: ~0.8 s, and the inference stages (which only normalise) never need it
+    import albumentations as A
+
     if kind == "none":
         return []
     flip = [A.HorizontalFlip(p=0.5)]
@@ -49,6 +56,8 @@ def augmentations(kind: str) -> list[A.BasicTransform]:
 
 def build_transform(kind: str, image_size: int | None) -> A.Compose:
     """Resize (when ``image_size``), augment; normalisation is :func:`to_tensor`'s job."""
+    import albumentations as A
+
     resize = [A.Resize(image_size, image_size)] if image_size else []
     return A.Compose(resize + augmentations(kind), seed=0)
 

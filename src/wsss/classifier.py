@@ -183,8 +183,8 @@ def train_classifier(
                                     disable=not context.is_main):
             images, targets = images.to(device), targets.to(device)
             with context.autocast():
-                loss = loss_fn(trained(images), targets)
-            distributed.optimizer_step(loss, optimizer, scaler)
+                loss = loss_fn(trained(images).float(), targets)
+            distributed.optimizer_step(loss, optimizer, scaler, "classifier", epoch)
             total += float(loss.detach()) * len(images)
             seen += len(images)
         lr = optimizer.param_groups[1]["lr"]

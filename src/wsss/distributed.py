@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from wsss.errors import ConfigError
+from wsss.errors import ConfigError, TrainingDiverged
 
 T = TypeVar("T")
 PARAMS_SOURCE = "params.yaml"
@@ -351,8 +351,12 @@ def wrap_model(model: nn.Module, context: Context | None = None) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Backward and step (through the fp16 loss scaler when there is one)."""
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   group: str, epoch: int) -> None:
+    """Backward and step (through the fp16 loss scaler when there is one). A NaN or infinite loss
+    raises :class:`TrainingDiverged` (params ``group``) before it reaches the weights."""
+    if not torch.isfinite(loss.detach()):
+        raise TrainingDiverged(group, epoch, float(loss.detach()), current().precision)
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()

@@ -29,3 +29,13 @@ class DataError(WsssError):
     def __init__(self, path: str | Path, message: str):
         self.path = str(path)
         super().__init__(f"{self.path}: {message}")
+
+
+class TrainingDiverged(WsssError):
+    """A training loss became NaN or infinite: the weights it would save are garbage."""
+
+    def __init__(self, group: str, epoch: int, value: float, precision: str):
+        self.group = group
+        super().__init__(f"params.yaml: {group}: the training loss is {value} in epoch {epoch} (compute.precision: "
+                         f"{precision}); this epoch was not saved: lower {group}'s learning rate, "
+                         f"or train in compute.precision fp32")

@@ -105,7 +105,7 @@ class IrnetResult:
 
 
 def irnet_losses(model: IRNet, images: torch.Tensor, labels: torch.Tensor, offsets) -> dict[str, torch.Tensor]:
-    boundary_logits, displacement = model(images)
+    boundary_logits, displacement = (output.float() for output in model(images))  # the losses in fp32 under autocast
     grid = grid_labels(labels)
     masks = pair_masks(grid, offsets)
     affinities = pair_affinities(torch.sigmoid(boundary_logits), offsets)
@@ -167,7 +167,7 @@ def train_irnet(
                 group["lr"] = group["initial_lr"] * (1 - step / total_steps) ** POLY_POWER
             with context.autocast():
                 batch_losses = irnet_losses(trained, images.to(device), labels.to(device), offsets)
-            distributed.optimizer_step(batch_losses["total"], optimizer, scaler)
+            distributed.optimizer_step(batch_losses["total"], optimizer, scaler, "irnet", epoch)
             step += 1
             losses = {name: float(value.detach()) for name, value in batch_losses.items()}
             if context.distributed:  # the global batch's losses: the mean over processes

@@ -19,8 +19,8 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import numpy as np
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ from wsss.metrics import SegmentationScores, confusion_matrix, segmentation_scor
 from wsss.models.segmenter import SegmenterSpec, build_segmenter, padded_forward
 from wsss.tta import tta_logits
 
+if TYPE_CHECKING:
+    import albumentations as A
+
 LAST = "last.pt"
 BEST = "best.pt"
 POLY_POWER = 0.9
@@ -45,6 +48,8 @@ def segmentation_transform(kind: str, image_size: int | None, scale_range: tuple
     """Resize (mask nearest), zoom by a random factor in ``scale_range`` (DeepLab's random scaling:
     what lets test-time scales help), augment; image and mask move together, and the areas a
     transform uncovers get mask 255 (ignored), never background."""
+    import albumentations as A  # here, not at the top: scoring a segmenter never needs it
+
     steps = augment.augmentations(kind)
     if tuple(scale_range) != (1.0, 1.0):
         steps = [A.Affine(scale=tuple(scale_range), keep_ratio=True, fill_mask=IGNORE_INDEX, p=1.0), *steps]
@@ -265,8 +270,8 @@ def train_segmenter(
             lr = optimizer.param_groups[0]["lr"]
             images, masks = images.to(device), masks.to(device)
             with context.autocast():
-                loss = loss_fn(trained(images), masks)
-            distributed.optimizer_step(loss, optimizer, scaler)
+                loss = loss_fn(trained(images).float(), masks)
+            distributed.optimizer_step(loss, optimizer, scaler, "segmenter", epoch)
             step += 1
             total += float(loss.detach()) * len(images)
             seen += len(images)

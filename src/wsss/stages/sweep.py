@@ -142,6 +142,8 @@ def fixed_inputs(params: Params, root: Path) -> dict[str, Any]:
              "inputs": tracking.input_hashes(inputs), "code": provenance.code_digest(__name__)}
     if params.person.merge:
         fixed["person"] = params.person.model_dump(exclude={"epochs"})
+    if params.compute.precision != "fp32":  # fp32 studies keep the names they had before this setting
+        fixed["precision"] = params.compute.precision
     if sweep.objective == "final":
         fixed["segmenter"] = {k: v for k, v in params.segmenter.model_dump().items() if k not in ("workers", "threads")}
     return fixed
@@ -253,7 +255,7 @@ class TrialEvaluator:
         kept = sorted(confident_ids(self.index, params.irnet.confidence_cutoff))
         config = {key: getattr(params.irnet, key) for key in TRAIN_KEYS}
         classifier = tracking.input_hashes({"classifier": self.root / CLASSIFIER_PATH})
-        key = checkpoint.fingerprint(kept, self.labels_key, config, params.seed, classifier)[:16]
+        key = checkpoint.fingerprint(kept, self.labels_key, config, params.seed, classifier, *distributed.precision_fingerprint())[:16]
         model_path = self.cache / "irnet" / key / "model.pt"
         if not model_path.is_file():
             labels_dir = self.ir_labels(kept)
