@@ -161,6 +161,10 @@ def test_the_objective_scores_the_masks_the_pseudo_masks_stage_makes_with_the_pe
         other = params.model_copy(update={"person": params.person.model_copy(update=change)})
         assert study_name(other, root) != study_name(params, root)
         assert TrialEvaluator(other, root).pseudo_mask_miou(other) != pytest.approx(value, abs=1e-6), change
+    # a study never mixes trials trained in two precisions
+    fp32, bf16 = (params.model_copy(update={"compute": params.compute.model_copy(update={"precision": precision})})
+                  for precision in ("fp32", "bf16"))
+    assert study_name(fp32, root) != study_name(bf16, root)
 
 
 def test_resume_reruns_a_trial_killed_mid_way_once_and_completes_the_study(sweep_project):
