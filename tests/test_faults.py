@@ -106,8 +106,11 @@ def _kill_resume_and_compare(killed: Path, uninterrupted: Path, stage: str, outp
 
 def test_the_cams_stage_killed_mid_split_resumes_from_its_complete_shards(split_copies, mlflow_store):
     killed, uninterrupted = split_copies
+    # fp32: with a classifier trained under bf16 autocast, a resumed run, whose batches of 32 images are
+    # cut elsewhere, gave one image's stored score 1 ulp (6e-8) off in 3 of 4 runs, its maps equal (open)
     for root in (killed, uninterrupted):
-        document = make_document({**CLASSIFIER, "classifier.epochs": 1, "compute.shard_size": 4, "cams.scales": [1.0, 2.0]})
+        document = make_document({**CLASSIFIER, "classifier.epochs": 1, "compute.shard_size": 4, "cams.scales": [1.0, 2.0],
+                                  "compute.precision": "fp32"})
         (root / "params.yaml").write_text(yaml.safe_dump(document))
     assert main(["train-classifier", "--root", str(killed)]) == 0
     shutil.copytree(killed / "models", uninterrupted / "models")
