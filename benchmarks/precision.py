@@ -38,7 +38,7 @@ def _cpu_bf16_flags() -> str:
     return ", ".join(found) or "none"
 
 
-def _classifier_step() -> Callable[[], None]:
+def _classifier_step() -> Callable[[str], None]:
     model = build_classifier("small_cnn", 6, 1)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     images, targets = torch.randn(32, 3, 64, 64), (torch.rand(32, 6) > 0.5).float()
@@ -49,7 +49,7 @@ def _classifier_step() -> Callable[[], None]:
     return _step(forward, optimizer)
 
 
-def _irnet_step() -> Callable[[], None]:
+def _irnet_step() -> Callable[[str], None]:
     model = IRNet(classifier_stages(build_classifier("small_cnn", 6, 1)))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], 0.01, momentum=0.9)
     images, labels = torch.randn(16, 3, 64, 64), torch.randint(0, 3, (16, 64, 64))
@@ -57,7 +57,7 @@ def _irnet_step() -> Callable[[], None]:
     return _step(lambda: irnet_losses(model, images, labels, offsets)["total"], optimizer)
 
 
-def _segmenter_step() -> Callable[[], None]:
+def _segmenter_step() -> Callable[[str], None]:
     spec = SegmenterSpec(encoder="classifier", num_classes=8, output_stride=8, decoder_channels=64,
                          atrous_rates=(12, 24, 36), classifier_arch="small_cnn", classifier_extra_convs=1)
     model = build_segmenter(spec, "none")
@@ -66,7 +66,7 @@ def _segmenter_step() -> Callable[[], None]:
     return _step(lambda: F.cross_entropy(model(images).float(), masks), optimizer)
 
 
-def _step(forward: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+def _step(forward: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer) -> Callable[[str], None]:
     def step(precision: str) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = forward()
