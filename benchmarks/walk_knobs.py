@@ -1,0 +1,84 @@
+"""Step 2's inference knobs searched together: val pseudo masks per setting (Optuna TPE).
+
+Walks the val images with this checkout's IRNet, CAMs and person CAMs (run ``dvc repro pseudo_masks``
+first) as the ``pseudo_masks`` stage does (``mask_shard``: walk, CRF, person merge and floor), once per
+trial, and scores them with the image labels (the objective, irn's protocol) and with the classifier's
+predicted labels. Searched: ``irnet.beta``, ``irnet.exp_times``, ``irnet.bg_weight``,
+``person.background_seed``, ``person.cam_threshold`` and the dense CRF's ``gt_prob``, ``bilateral_srgb``,
+``bilateral_sxy``, ``bilateral_compat``. IRNet stays the one trained on the current IR labels (the
+``crf`` group also makes those): a setting worth adopting must be re-measured through the whole
+pipeline (``benchmarks/pipeline.py``). Trial 0 is ``params.yaml``'s setting. About 35 s per trial on 2 cores.
+
+    python benchmarks/walk_knobs.py --trials 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import optuna
+import torch
+from _scratch import REPO
+from person_floor import val_scores
+from wsss.config import load_params
+from wsss.irnet_inference import load_irnet
+from wsss.stages.paths import CLASSIFIER_PATH, IRNET_PATH, PREDICTED
+from wsss.stages.pseudo_masks import stage_manifests
+
+
+def trial_params(base, trial: optuna.Trial):
+    """``base`` with the trial's walk, person-merge and CRF knobs."""
+    irnet = base.irnet.model_copy(update={"beta": trial.suggest_int("irnet.beta", 6, 14, step=2),
+                                          "exp_times": trial.suggest_int("irnet.exp_times", 3, 5),
+                                          "bg_weight": trial.suggest_float("irnet.bg_weight", 1.2, 2.0)})
+    person = base.person.model_copy(update={"background_seed": trial.suggest_float("person.background_seed", 0.3, 0.7),
+                                            "cam_threshold": trial.suggest_float("person.cam_threshold", 0.35, 0.55)})
+    crf = base.crf.model_copy(update={"gt_prob": trial.suggest_float("crf.gt_prob", 0.6, 0.9),
+                                      "bilateral_srgb": trial.suggest_categorical("crf.bilateral_srgb", [3, 5, 8, 13]),
+                                      "bilateral_sxy": trial.suggest_categorical("crf.bilateral_sxy", [20, 35, 50, 80]),
+                                      "bilateral_compat": trial.suggest_categorical("crf.bilateral_compat", [5, 10, 15])})
+    return base.model_copy(update={"irnet": irnet, "person": person, "crf": crf})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    parser.add_argument("--top", type=int, default=8, help="trials shown in the table")
+    args = parser.parse_args()
+    base = load_params(REPO / "params.yaml")
+    if not base.person.merge or base.irnet.background != "walk":
+        raise SystemExit("the search covers person.merge: true and irnet.background: walk (params.yaml)")
+    torch.set_num_threads(2)
+    manifests = stage_manifests(REPO)
+    model = load_irnet(base, REPO / IRNET_PATH, REPO / CLASSIFIER_PATH)
+
+    def objective(trial: optuna.Trial) -> float:
+        params, start = trial_params(base, trial), time.perf_counter()
+        miou, _ = val_scores(params, manifests, model, "val")
+        predicted, _ = val_scores(params, manifests, model, PREDICTED)
+        trial.set_user_attr("predicted", predicted)
+        print(f"trial {trial.number}: {json.dumps(trial.params)} val {miou:.4f}, predicted labels {predicted:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        return miou
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=args.seed))
+    study.enqueue_trial({"irnet.beta": base.irnet.beta, "irnet.exp_times": base.irnet.exp_times, "irnet.bg_weight": base.irnet.bg_weight,
+                         "person.background_seed": base.person.background_seed, "person.cam_threshold": base.person.cam_threshold,
+                         "crf.gt_prob": base.crf.gt_prob, "crf.bilateral_srgb": base.crf.bilateral_srgb,
+                         "crf.bilateral_sxy": base.crf.bilateral_sxy, "crf.bilateral_compat": base.crf.bilateral_compat})
+    study.optimize(objective, n_trials=args.trials)
+    trials = sorted(study.trials, key=lambda t: -t.value)
+    names = list(study.trials[0].params)
+    print("\n| trial | " + " | ".join(names) + " | val mIoU (image labels) | val mIoU (predicted labels) |")
+    print("|---:|" + "---:|" * (len(names) + 2))
+    for trial in [*trials[: args.top], *([study.trials[0]] if study.trials[0] not in trials[: args.top] else [])]:
+        values = " | ".join(f"{trial.params[n]:.3g}" for n in names)
+        print(f"| {trial.number} | {values} | {trial.value:.4f} | {trial.user_attrs['predicted']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
