@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from _scratch import REPO
+from wsss import distributed
 from wsss.config import load_params
 from wsss.data.manifest import load_manifest
 from wsss.segmentation import SegmentationDataset, train_segmenter
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: segmenter.epochs")
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
+    distributed.init(params.compute)  # compute.precision and compute.device, as the stages run
     train = load_manifest(REPO / "data/splits/train.json")
     val = load_manifest(REPO / "data/splits/val.json")
     images = [train.image_path(r) for r in train.records]

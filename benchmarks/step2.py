@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from wsss import distributed
 from wsss.config import load_params
 from wsss.stages import STAGES
 
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     params = load_params(REPO / "params.yaml")
+    distributed.init(params.compute)  # compute.precision and compute.device, as the stages run
     cam_crf = json.loads((REPO / "metrics/cams.json").read_text())["cam_crf"]["miou"]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)

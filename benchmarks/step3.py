@@ -17,6 +17,7 @@ import os
 import time
 
 from _scratch import REPO, scratch_project
+from wsss import distributed
 from wsss.config import load_params
 from wsss.io import read_json
 from wsss.stages import STAGES
@@ -28,6 +29,7 @@ REUSED = ("data/prepared", "data/splits", "cams", "pseudo_masks", "metrics/prepa
 
 def main() -> None:
     params = load_params(REPO / "params.yaml")
+    distributed.init(params.compute)  # compute.precision and compute.device, as the stages run
     with scratch_project(REUSED) as root:
         timings = {}
         for stage in ("train-segmenter", "oracle", "evaluate", "report"):

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _scratch import REPO
-from wsss import augment
+from wsss import augment, distributed
 from wsss.cam import CamStore
 from wsss.config import load_params
 from wsss.crf import CrfTask, crf_many
@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--background-seed", type=float, default=None, help="person.background_seed (default: params.yaml's)")
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
+    distributed.init(params.compute)  # compute.precision and compute.device, as the stages run
     if args.background_seed is not None:
         params = params.model_copy(update={"person": params.person.model_copy(update={"background_seed": args.background_seed})})
     if args.epochs:
