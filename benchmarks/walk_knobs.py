@@ -30,13 +30,13 @@ from wsss.stages.pseudo_masks import stage_manifests
 
 def trial_params(base, trial: optuna.Trial):
     """``base`` with the trial's walk, person-merge and CRF knobs."""
-    irnet = base.irnet.model_copy(update={"beta": trial.suggest_int("irnet.beta", 6, 14, step=2),
-                                          "exp_times": trial.suggest_int("irnet.exp_times", 3, 5),
+    irnet = base.irnet.model_copy(update={"beta": trial.suggest_int("irnet.beta", 4, 14, step=2),
+                                          "exp_times": trial.suggest_int("irnet.exp_times", 2, 5),
                                           "bg_weight": trial.suggest_float("irnet.bg_weight", 1.2, 2.0)})
     person = base.person.model_copy(update={"background_seed": trial.suggest_float("person.background_seed", 0.3, 0.7),
                                             "cam_threshold": trial.suggest_float("person.cam_threshold", 0.35, 0.55)})
     crf = base.crf.model_copy(update={"gt_prob": trial.suggest_float("crf.gt_prob", 0.6, 0.9),
-                                      "bilateral_srgb": trial.suggest_categorical("crf.bilateral_srgb", [3, 5, 8, 13]),
+                                      "bilateral_srgb": trial.suggest_categorical("crf.bilateral_srgb", [3, 5, 8, 13, 20]),
                                       "bilateral_sxy": trial.suggest_categorical("crf.bilateral_sxy", [20, 35, 50, 80]),
                                       "bilateral_compat": trial.suggest_categorical("crf.bilateral_compat", [5, 10, 15])})
     return base.model_copy(update={"irnet": irnet, "person": person, "crf": crf})
