@@ -43,16 +43,21 @@ def val_scores(params, manifests, model, split: str) -> tuple[float, dict[str, f
     return scores.miou, dict(zip(manifest.class_names, scores.iou, strict=True))
 
 
+def walk_inputs(what: str):
+    """``params.yaml``, the stage's manifests and the trained IRNet, on 2 threads; exits unless the person
+    is merged and the background walked (``what``: the subject of that message)."""
+    base = load_params(REPO / "params.yaml")
+    if not base.person.merge or base.irnet.background != "walk":
+        raise SystemExit(f"{what} with person.merge: true and irnet.background: walk (params.yaml)")
+    torch.set_num_threads(2)
+    return base, stage_manifests(REPO), load_irnet(base, REPO / IRNET_PATH, REPO / CLASSIFIER_PATH)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--values", nargs="+", type=float, default=[0.0, 0.3, 0.45, 0.5, 0.6, 0.7])
     args = parser.parse_args()
-    base = load_params(REPO / "params.yaml")
-    if not base.person.merge or base.irnet.background != "walk":
-        raise SystemExit("person.background_seed acts with person.merge: true and irnet.background: walk (params.yaml)")
-    torch.set_num_threads(2)
-    manifests = stage_manifests(REPO)
-    model = load_irnet(base, REPO / IRNET_PATH, REPO / CLASSIFIER_PATH)
+    base, manifests, model = walk_inputs("person.background_seed acts")
     rows = []
     for value in args.values:
         params = base.model_copy(update={"person": base.person.model_copy(update={"background_seed": value})})

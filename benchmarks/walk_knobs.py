@@ -19,13 +19,8 @@ import json
 import time
 
 import optuna
-import torch
-from _scratch import REPO
-from person_floor import val_scores
-from wsss.config import load_params
-from wsss.irnet_inference import load_irnet
-from wsss.stages.paths import CLASSIFIER_PATH, IRNET_PATH, PREDICTED
-from wsss.stages.pseudo_masks import stage_manifests
+from person_floor import val_scores, walk_inputs
+from wsss.stages.paths import PREDICTED
 
 
 def trial_params(base, trial: optuna.Trial):
@@ -48,12 +43,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
     parser.add_argument("--top", type=int, default=8, help="trials shown in the table")
     args = parser.parse_args()
-    base = load_params(REPO / "params.yaml")
-    if not base.person.merge or base.irnet.background != "walk":
-        raise SystemExit("the search covers person.merge: true and irnet.background: walk (params.yaml)")
-    torch.set_num_threads(2)
-    manifests = stage_manifests(REPO)
-    model = load_irnet(base, REPO / IRNET_PATH, REPO / CLASSIFIER_PATH)
+    base, manifests, model = walk_inputs("the search covers its knobs")
 
     def objective(trial: optuna.Trial) -> float:
         params, start = trial_params(base, trial), time.perf_counter()
