@@ -20,21 +20,34 @@ import time
 
 import optuna
 from person_floor import val_scores, walk_inputs
+from wsss.config import lookup
 from wsss.stages.paths import PREDICTED
 
 
-def trial_params(base, trial: optuna.Trial):
-    """``base`` with the trial's walk, person-merge and CRF knobs."""
-    irnet = base.irnet.model_copy(update={"beta": trial.suggest_int("irnet.beta", 4, 14, step=2),
-                                          "exp_times": trial.suggest_int("irnet.exp_times", 2, 5),
-                                          "bg_weight": trial.suggest_float("irnet.bg_weight", 1.2, 2.0)})
-    person = base.person.model_copy(update={"background_seed": trial.suggest_float("person.background_seed", 0.3, 0.7),
-                                            "cam_threshold": trial.suggest_float("person.cam_threshold", 0.35, 0.55)})
-    crf = base.crf.model_copy(update={"gt_prob": trial.suggest_float("crf.gt_prob", 0.6, 0.9),
-                                      "bilateral_srgb": trial.suggest_categorical("crf.bilateral_srgb", [3, 5, 8, 13, 20]),
-                                      "bilateral_sxy": trial.suggest_categorical("crf.bilateral_sxy", [20, 35, 50, 80]),
-                                      "bilateral_compat": trial.suggest_categorical("crf.bilateral_compat", [5, 10, 15])})
-    return base.model_copy(update={"irnet": irnet, "person": person, "crf": crf})
+# dotted params key -> Optuna search space: (low, high[, step]) for numbers, a list for a categorical
+KNOBS = {
+    "irnet.beta": (4, 14, 2), "irnet.exp_times": (2, 5, 1), "irnet.bg_weight": (1.2, 2.0),
+    "person.background_seed": (0.3, 0.7), "person.cam_threshold": (0.35, 0.55),
+    "crf.gt_prob": (0.6, 0.9), "crf.bilateral_srgb": [3, 5, 8, 13, 20], "crf.bilateral_sxy": [20, 35, 50, 80],
+    "crf.bilateral_compat": [5, 10, 15],
+}
+
+
+def suggest(trial: optuna.Trial, name: str, space):
+    if isinstance(space, list):
+        return trial.suggest_categorical(name, space)
+    if len(space) == 3:
+        return trial.suggest_int(name, space[0], space[1], step=space[2])
+    return trial.suggest_float(name, *space)
+
+
+def with_knobs(base, values: dict):
+    """``base`` with each ``group.key`` of ``values`` put in."""
+    groups = {}
+    for name, value in values.items():
+        group, key = name.split(".")
+        groups.setdefault(group, {})[key] = value
+    return base.model_copy(update={group: getattr(base, group).model_copy(update=keys) for group, keys in groups.items()})
 
 
 def main() -> None:
@@ -46,7 +59,7 @@ def main() -> None:
     base, manifests, model = walk_inputs("the search covers its knobs")
 
     def objective(trial: optuna.Trial) -> float:
-        params, start = trial_params(base, trial), time.perf_counter()
+        params, start = with_knobs(base, {name: suggest(trial, name, space) for name, space in KNOBS.items()}), time.perf_counter()
         miou, _ = val_scores(params, manifests, model, "val")
         predicted, _ = val_scores(params, manifests, model, PREDICTED)
         trial.set_user_attr("predicted", predicted)
@@ -56,10 +69,7 @@ def main() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=args.seed))
-    study.enqueue_trial({"irnet.beta": base.irnet.beta, "irnet.exp_times": base.irnet.exp_times, "irnet.bg_weight": base.irnet.bg_weight,
-                         "person.background_seed": base.person.background_seed, "person.cam_threshold": base.person.cam_threshold,
-                         "crf.gt_prob": base.crf.gt_prob, "crf.bilateral_srgb": base.crf.bilateral_srgb,
-                         "crf.bilateral_sxy": base.crf.bilateral_sxy, "crf.bilateral_compat": base.crf.bilateral_compat})
+    study.enqueue_trial({name: lookup(base.model_dump(), name) for name in KNOBS})  # trial 0: params.yaml
     study.optimize(objective, n_trials=args.trials)
     trials = sorted(study.trials, key=lambda t: -t.value)
     names = list(study.trials[0].params)

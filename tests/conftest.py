@@ -101,14 +101,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _no_process_context_between_tests():
-    """Each test starts without the process context (device, precision) that an earlier test's stage or
-    sweep set up in this worker (``wsss.distributed.init`` keeps it for the process)."""
-    from wsss import distributed
-
-    distributed.shutdown()
-    yield
-    distributed.shutdown()
