@@ -419,6 +419,17 @@ def run_worker(params: Params, root: Path, name: str, url: str, parent_id: str, 
     study = optuna.load_study(study_name=name, storage=open_storage(url), sampler=sampler, pruner=pruner)
     client, experiment_id = _client(params, root)
     distributed.init(params.compute)  # compute.device: IRNet, the walk and the segmenter run there
+    try:
+        return _run_trials(params, root, name, study, client, experiment_id, parent_id, worker)
+    finally:
+        distributed.shutdown()  # the precision is part of the IRNet cache key: no later caller in this process inherits it
+
+
+def _run_trials(params: Params, root: Path, name: str, study, client, experiment_id: str, parent_id: str, worker: int) -> int:
+    """The trial loop of :func:`run_worker`, in the process context it set up."""
+    import optuna
+
+    sweep = params.sweep
     evaluator = TrialEvaluator(params, root)
     started, ran = time.monotonic(), 0
     states = _states()
