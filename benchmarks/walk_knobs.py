@@ -10,6 +10,10 @@ predicted labels. Searched: ``irnet.beta``, ``irnet.exp_times``, ``irnet.bg_weig
 pipeline (``benchmarks/pipeline.py``). Trial 0 is ``params.yaml``'s setting. About 35 s per trial on 2 cores.
 
     python benchmarks/walk_knobs.py --trials 40
+    python benchmarks/walk_knobs.py --settings default irnet.infer_radius=7 'irnet.infer_radius=3,irnet.exp_times=4'
+
+``--settings``: no search; each argument (comma-separated ``group.key=value``, YAML values, checked by the
+schema; ``default``: ``params.yaml`` as it is) is one setting of any walk-time knob, scored the same way.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import json
 import time
 
 import optuna
+import yaml
 from person_floor import val_scores, walk_inputs
-from wsss.config import lookup
+from wsss.config import lookup, validate_params
 from wsss.stages.paths import PREDICTED
 
 
@@ -50,13 +55,48 @@ def with_knobs(base, values: dict):
     return base.model_copy(update={group: getattr(base, group).model_copy(update=keys) for group, keys in groups.items()})
 
 
+def parse_setting(base, text: str):
+    """``base`` with the comma-separated ``group.key=value`` pairs of ``text`` put in, validated by the
+    schema (an unknown key or a bad value exits naming it); ``default``: ``base`` itself."""
+    if text == "default":
+        return base
+    document = base.model_dump()
+    for pair in text.split(","):
+        name, _, value = pair.partition("=")
+        group, _, key = name.partition(".")
+        if not value or not key or not isinstance(document.get(group), dict):
+            raise SystemExit(f"--settings {text!r}: {pair!r} is not group.key=value of a params.yaml group")
+        document[group][key] = yaml.safe_load(value)  # an unknown key or a bad value: the schema names it
+    return validate_params(document, f"--settings {text!r}")
+
+
+def score_settings(base, manifests, model, settings: list[str]) -> None:
+    """One row per setting: val mIoU with the image labels and with the predicted labels, per-class IoU."""
+    rows = []
+    for text in settings:
+        params, start = parse_setting(base, text), time.perf_counter()
+        miou, iou = val_scores(params, manifests, model, "val")
+        predicted, _ = val_scores(params, manifests, model, PREDICTED)
+        rows.append((text, miou, predicted, iou, time.perf_counter() - start))
+        print(f"{text}: val {miou:.4f}, predicted labels {predicted:.4f}", flush=True)
+    names = list(rows[0][3])
+    print("\n| setting | val mIoU (image labels) | val mIoU (predicted labels) | " + " | ".join(names) + " | seconds |")
+    print("|---|---:|---:|" + "---:|" * len(names) + "---:|")
+    for text, miou, predicted, iou, seconds in rows:
+        print(f"| {text} | {miou:.4f} | {predicted:.4f} | " + " | ".join(f"{iou[n]:.3f}" for n in names) + f" | {seconds:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
     parser.add_argument("--top", type=int, default=8, help="trials shown in the table")
+    parser.add_argument("--settings", nargs="+", default=None, help="score these settings instead of searching")
     args = parser.parse_args()
     base, manifests, model = walk_inputs("the search covers its knobs")
+    if args.settings:
+        score_settings(base, manifests, model, args.settings)
+        return
 
     def objective(trial: optuna.Trial) -> float:
         params, start = with_knobs(base, {name: suggest(trial, name, space) for name, space in KNOBS.items()}), time.perf_counter()
