@@ -47,34 +47,36 @@ def suggest(trial: optuna.Trial, name: str, space):
 
 
 def with_knobs(base, values: dict):
-    """``base`` with each ``group.key`` of ``values`` put in."""
-    groups = {}
-    for name, value in values.items():
-        group, key = name.split(".")
-        groups.setdefault(group, {})[key] = value
-    return base.model_copy(update={group: getattr(base, group).model_copy(update=keys) for group, keys in groups.items()})
-
-
-def parse_setting(base, text: str):
-    """``base`` with the comma-separated ``group.key=value`` pairs of ``text`` put in, validated by the
-    schema (an unknown key or a bad value exits naming it); ``default``: ``base`` itself."""
-    if text == "default":
-        return base
+    """``base`` with each ``group.key`` of ``values`` put in, checked by the schema (an unknown key or a
+    bad value exits naming it)."""
     document = base.model_dump()
+    for name, value in values.items():
+        group, _, key = name.partition(".")
+        if not key or not isinstance(document.get(group), dict):
+            raise SystemExit(f"{name!r} is not group.key of a params.yaml group")
+        document[group][key] = value
+    return validate_params(document, "walk_knobs.py")
+
+
+def parse_setting(text: str) -> dict:
+    """The ``group.key: value`` pairs of one ``--settings`` argument (comma-separated ``group.key=value``,
+    YAML values); ``default``: none."""
+    if text == "default":
+        return {}
+    values = {}
     for pair in text.split(","):
         name, _, value = pair.partition("=")
-        group, _, key = name.partition(".")
-        if not value or not key or not isinstance(document.get(group), dict):
-            raise SystemExit(f"--settings {text!r}: {pair!r} is not group.key=value of a params.yaml group")
-        document[group][key] = yaml.safe_load(value)  # an unknown key or a bad value: the schema names it
-    return validate_params(document, f"--settings {text!r}")
+        if not value:
+            raise SystemExit(f"--settings {text!r}: {pair!r} is not group.key=value")
+        values[name] = yaml.safe_load(value)
+    return values
 
 
 def score_settings(base, manifests, model, settings: list[str]) -> None:
     """One row per setting: val mIoU with the image labels and with the predicted labels, per-class IoU."""
     rows = []
     for text in settings:
-        params, start = parse_setting(base, text), time.perf_counter()
+        params, start = with_knobs(base, parse_setting(text)), time.perf_counter()
         miou, iou = val_scores(params, manifests, model, "val")
         predicted, _ = val_scores(params, manifests, model, PREDICTED)
         rows.append((text, miou, predicted, iou, time.perf_counter() - start))
