@@ -25,7 +25,8 @@ import time
 import optuna
 import yaml
 from person_floor import val_scores, walk_inputs
-from wsss.config import lookup, validate_params
+from wsss.config import lookup, with_values
+from wsss.errors import ConfigError
 from wsss.stages.paths import PREDICTED
 
 
@@ -49,13 +50,10 @@ def suggest(trial: optuna.Trial, name: str, space):
 def with_knobs(base, values: dict):
     """``base`` with each ``group.key`` of ``values`` put in, checked by the schema (an unknown key or a
     bad value exits naming it)."""
-    document = base.model_dump()
-    for name, value in values.items():
-        group, _, key = name.partition(".")
-        if not key or not isinstance(document.get(group), dict):
-            raise SystemExit(f"{name!r} is not group.key of a params.yaml group")
-        document[group][key] = value
-    return validate_params(document, "walk_knobs.py")
+    try:
+        return with_values(base, values, "walk_knobs.py")
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
 
 
 def parse_setting(text: str) -> dict:

@@ -7,7 +7,7 @@ import yaml
 from conftest import REPO, make_document
 
 from wsss.cli import EXIT_USER_ERROR, main
-from wsss.config import ConfigError, flatten, load_params, validate_params
+from wsss.config import ConfigError, flatten, load_params, validate_params, with_values
 
 
 def test_default_params_and_paper_profile_validate():
@@ -49,6 +49,7 @@ def _problems(overrides: dict) -> str:
         ({"segmenter.scale_range": [2.0, 1.0]}, "segmenter.scale_range", "0 < min <= max"),
         ({"segmenter.optimizer": "lion"}, "segmenter.optimizer", "'lion'"),
         ({"segmenter.batch_size": 1}, "segmenter.batch_size", "greater than or equal to 2"),
+        ({"segmenter.ema_decay": 1.0}, "segmenter.ema_decay", "less than 1"),
         ({"evaluate.tta_scales": [1.0, -0.5]}, "evaluate.tta_scales", "must be positive"),
         ({"evaluate.crf": "sometimes"}, "evaluate.crf", "valid boolean"),
         ({"segmenter.atrous_rates": [1, 0, 3]}, "segmenter.atrous_rates.1", "greater than 0"),
@@ -62,6 +63,21 @@ def test_bad_values_name_their_key(overrides, key, fragment):
     line = next((line for line in message.splitlines() if f": {key}: " in line), None)
     assert line is not None, message
     assert fragment in line
+
+
+def test_with_values_puts_values_in_and_checks_them_like_a_params_file():
+    params = validate_params(make_document())
+    changed = with_values(params, {"irnet.bg_weight": 1.2, "segmenter.ema_decay": None}, "trial 3")
+    assert changed.irnet.bg_weight == 1.2 and changed.segmenter.ema_decay is None
+    assert params.irnet.bg_weight != 1.2  # the given params are left as they were
+    assert changed.model_dump(exclude={"irnet", "segmenter"}) == params.model_dump(exclude={"irnet", "segmenter"})
+    with pytest.raises(ConfigError, match=r"trial 3.*irnet.conf_bg: .*below conf_fg"):  # a model-level check
+        with_values(params, {"irnet.conf_bg": 0.99}, "trial 3")
+    for unknown in ("irnet.bg_wieght", "bg_weight", "nothing.bg_weight", "data.embedded.image_size"):
+        with pytest.raises(ConfigError, match=rf"{unknown}: not a group.key"):
+            with_values(params, {unknown: 1.0})
+    with pytest.raises(ConfigError, match=r"segmenter.epochs: .*greater than or equal to 1"):
+        with_values(params, {"segmenter.epochs": 0})
 
 
 def test_missing_seed_is_reported():

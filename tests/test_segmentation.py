@@ -17,7 +17,7 @@ from wsss.errors import ConfigError, DataError
 from wsss.io import IGNORE_INDEX, write_image_png, write_mask_png
 from wsss.models.classifier import CamClassifier, build_classifier, classifier_state
 from wsss.models.segmenter import SegmenterSpec, build_segmenter, load_segmenter, padded_forward, save_segmenter
-from wsss.segmentation import LAST, SegmentationDataset, evaluate_segmenter, train_segmenter
+from wsss.segmentation import LAST, SegmentationDataset, evaluate_segmenter, train_segmenter, weight_average
 from wsss.tta import predict_labels, tta_logits
 
 NUM_CLASSES = 3
@@ -272,11 +272,27 @@ class Interrupt(Exception):
     pass
 
 
-def test_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+def test_the_weight_average_follows_each_update_with_its_decay():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average = weight_average(model, 0.75)
+    assert weight_average(model, None) is None
+    for value in (1.0, 3.0, 7.0):
+        with torch.no_grad():
+            for tensor in [*model.parameters(), model[1].running_mean]:
+                tensor.fill_(value)
+        average.update_parameters(model)
+    expected = 0.75 * (0.75 * 1.0 + 0.25 * 3.0) + 0.25 * 7.0  # the first update takes the weights as they are
+    assert torch.allclose(average.module[0].weight, torch.full((2, 2), expected))
+    assert torch.allclose(average.module[1].running_mean, torch.full((2,), expected))  # BatchNorm statistics too
+    assert torch.equal(model[0].weight, torch.full((2, 2), 7.0))  # the trained weights are left alone
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, ema_decay):
     train_images, train_masks = write_pairs(tmp_path / "train", 8, 32, 32, seed=2)
     val_images, val_masks = write_pairs(tmp_path / "val", 3, 36, 44, seed=3)
     config = SegmenterParams(encoder="resnet18", decoder_channels=16, image_size=32, batch_size=3, epochs=2, lr=0.01,
-                             lr_head_factor=10.0, augmentation="flip", threads=1)
+                             lr_head_factor=10.0, augmentation="flip", threads=1, ema_decay=ema_decay)
     spec = SegmenterSpec("resnet18", NUM_CLASSES, 16, 16, ("background", "square", "bar"))
 
     def run(folder: str, fingerprint: str = "fp", on_epoch=None):
@@ -297,12 +313,16 @@ def test_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
         run("b", on_epoch=crash_after_first_epoch)
     state = checkpoint.load(tmp_path / "b" / LAST)
     assert state["epoch"] == 1 and state["step"] == 2 and state["mlflow_run_id"] == "abc"
+    assert ("average" in state) == (ema_decay is not None)
     resumed = run("b")
     assert resumed.resumed_from == 2 and resumed.steps == 4
 
-    final_a = checkpoint.load(tmp_path / "a" / LAST)["model"]
-    final_b = checkpoint.load(tmp_path / "b" / LAST)["model"]
+    last_a, last_b = checkpoint.load(tmp_path / "a" / LAST), checkpoint.load(tmp_path / "b" / LAST)
+    final_a, final_b = last_a["model"], last_b["model"]
     assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[key], final_b[key]) for key in final_a)
+    if ema_decay is not None:  # the average resumes too, and it is not the trained weights
+        assert all(torch.equal(last_a["average"][key], last_b["average"][key]) for key in last_a["average"])
+        assert not all(torch.equal(last_a["average"][f"module.{key}"], final_a[key]) for key in final_a)
     assert [r.val_miou for r in uninterrupted.history] == [r.val_miou for r in resumed.history]
     assert resumed.best_epoch == uninterrupted.best_epoch
     assert all(torch.equal(uninterrupted.best_state[key], resumed.best_state[key]) for key in final_a)
@@ -313,7 +333,7 @@ def test_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     model = tiny_segmenter()
     model.load_state_dict(resumed.best_state)
     scores = evaluate_segmenter(model, val_images, val_masks, NUM_CLASSES, batch_size=2)
-    assert scores.miou == pytest.approx(resumed.best_miou)
+    assert scores.miou == pytest.approx(resumed.best_miou)  # with ema_decay: the average is what was scored and kept
 
 
 def test_evaluation_scores_a_perfect_prediction(tmp_path):

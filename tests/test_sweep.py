@@ -17,12 +17,12 @@ from optuna.trial import TrialState
 from test_step1 import STEP2, write_made_up_person_cams
 
 from wsss.cli import main
-from wsss.config import load_params
+from wsss.config import load_params, with_values
 from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError
 from wsss.io import read_mask
 from wsss.shards import MaskStore
-from wsss.stages.sweep import TrialEvaluator, open_storage, run_sweep, storage_url, study_name, with_values
+from wsss.stages.sweep import TrialEvaluator, open_storage, run_sweep, storage_url, study_name
 
 SWEEP = {**STEP2, "irnet.train_scales": [1.0], "irnet.background": "plane", "irnet.post_crf": False, "irnet.ignore_uncertain": False,
          "irnet.confidence_cutoff": 0.05, "irnet.threshold": 0.5,

@@ -304,6 +304,8 @@ class SegmenterParams(_Group):
     weight_decay: float = Field(1e-6, ge=0)
     augmentation: Literal["strong", "flip", "none"] = "strong"  # applied to image and mask together
     scale_range: tuple[float, float] = (1.0, 1.0)  # random zoom of each training image (DeepLab: 0.5-2)
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # exponential moving average of the weights, this decay per
+    # step: the average is what val scores and what is saved; None: the weights themselves (the paper)
     workers: int = Field(0, ge=0)  # DataLoader worker processes
     threads: int = Field(0, ge=0)  # torch CPU threads, 0 = every core
 
@@ -542,6 +544,19 @@ def validate_params(raw: Any, source: str | Path = "params.yaml") -> Params:
                     message += f" (got {item['input']!r})"
             problems.append((location, message))
         raise ConfigError(source, problems) from None
+
+
+
+def with_values(params: Params, values: dict[str, Any], source: str | Path = "params") -> Params:
+    """``params`` with each ``group.key`` of ``values`` put in, checked by the schema like a params file:
+    an unknown key or a bad value raises :class:`ConfigError` naming it (``source`` says whose values)."""
+    document = params.model_dump()
+    for name, value in values.items():
+        group, _, key = name.partition(".")
+        if not key or "." in key or not isinstance(document.get(group), dict) or key not in document[group]:
+            raise ConfigError(source, [(name, "not a group.key of params.yaml")])
+        document[group][key] = value
+    return validate_params(document, source)
 
 
 DVC_PIPELINES = ("dvc.yaml", "pipelines/ablation/dvc.yaml", "pipelines/sweep/dvc.yaml")

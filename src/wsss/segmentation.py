@@ -8,6 +8,9 @@ mIoU on val (every image at its own size, :func:`wsss.models.segmenter.padded_fo
 picks the best epoch (``best.pt``), and ``last.pt`` records the whole state: a re-run with the
 same fingerprint resumes and ends with the weights of an uninterrupted run (on a CPU, same seed),
 because every epoch reseeds shuffling, augmentation, dropout and torch from ``(seed, epoch)``.
+With ``ema_decay`` an exponential moving average of the weights (BatchNorm statistics included) follows
+every step; the average, not the last step's weights, is scored on val and saved as the model. On noisy
+pseudo masks it scores steadier and higher than the weights it averages (benchmarks/README.md).
 Under torchrun every process trains on its slice of the same global batches (DDP averages the
 gradients) and scores its share of val; the confusion matrices are summed, so every process
 takes the same best-epoch decision. Rank 0 writes the checkpoints.
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -201,6 +205,14 @@ def _resumable_state(checkpoint_dir: Path, run_fingerprint: str) -> dict | None:
     return state if best is not None and best.get("epoch") == state["best"]["epoch"] else None
 
 
+def weight_average(model: nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and buffers (``decay`` per update), starting
+    from a copy of them; None when ``decay`` is None."""
+    if decay is None:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def train_segmenter(
     config: SegmenterParams,
     seed: int,
@@ -250,6 +262,10 @@ def train_segmenter(
     scaler = context.grad_scaler()
     if state is not None and scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
+    average = weight_average(model, config.ema_decay)
+    if state is not None and average is not None:
+        average.load_state_dict(state["average"])
+    scored = average.module if average is not None else model  # what val scores and best.pt keeps
 
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     distributed.check_resume_agrees(start_epoch, checkpoint_dir, context)
@@ -273,11 +289,15 @@ def train_segmenter(
                 loss = loss_fn(trained(images).float(), masks)
             distributed.optimizer_step(loss, optimizer, scaler, "segmenter", epoch)
             step += 1
+            if average is not None:
+                average.update_parameters(model)
             total += float(loss.detach()) * len(images)
             seen += len(images)
 
         distributed.sync_buffers(model, context)  # val scores the weights that rank 0 saves
-        matrix = validation_matrix(model, val_images[val_share.start : val_share.stop], val_masks[val_share.start : val_share.stop],
+        if average is not None:
+            distributed.sync_buffers(scored, context)
+        matrix = validation_matrix(scored, val_images[val_share.start : val_share.stop], val_masks[val_share.start : val_share.stop],
                                    spec.num_classes, config.batch_size)
         scores = segmentation_scores(distributed.all_reduce_sum(matrix, context))
         total, seen = distributed.all_reduce_sum(np.array([total, seen], dtype=np.float64), context)
@@ -286,7 +306,7 @@ def train_segmenter(
         if best_epoch == 0 or _score(record.val_miou) > _score(best_miou):
             best_epoch, best_miou = epoch, record.val_miou
             if context.is_main:
-                checkpoint.save(checkpoint_dir / BEST, {"model": model.state_dict(), "epoch": epoch, "miou": best_miou,
+                checkpoint.save(checkpoint_dir / BEST, {"model": scored.state_dict(), "epoch": epoch, "miou": best_miou,
                                                         "fingerprint": run_fingerprint})
         if context.is_main:
             checkpoint.save(checkpoint_dir / LAST, {
@@ -298,6 +318,7 @@ def train_segmenter(
                 "history": [asdict(entry) for entry in history],
                 "best": {"epoch": best_epoch, "miou": best_miou},
                 **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                **({"average": average.state_dict()} if average is not None else {}),
                 **(extra_state or {}),
             })
         distributed.barrier(context)

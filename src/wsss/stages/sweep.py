@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from wsss import checkpoint, distributed, provenance, tracking
 from wsss.cam import CamStore
-from wsss.config import Params, flatten, sweep_space_problems
+from wsss.config import Params, flatten, sweep_space_problems, with_values
 from wsss.crf import CrfTask, crf_many
 from wsss.data.manifest import ImageRecord, load_manifest
 from wsss.errors import ConfigError, DataError, WsssError
@@ -122,12 +122,6 @@ def current_values(params: Params) -> dict[str, float]:
             return {}
         values[key] = value
     return values
-
-
-def with_values(params: Params, values: dict[str, float]) -> Params:
-    """``params`` with the searched values put in (``irnet.<field>`` keys)."""
-    irnet = params.irnet.model_copy(update={key.removeprefix("irnet."): value for key, value in values.items()})
-    return params.model_copy(update={"irnet": irnet})
 
 
 def fixed_inputs(params: Params, root: Path) -> dict[str, Any]:
