@@ -546,7 +546,6 @@ def validate_params(raw: Any, source: str | Path = "params.yaml") -> Params:
         raise ConfigError(source, problems) from None
 
 
-
 def with_values(params: Params, values: dict[str, Any], source: str | Path = "params") -> Params:
     """``params`` with each ``group.key`` of ``values`` put in, checked by the schema like a params file:
     an unknown key or a bad value raises :class:`ConfigError` naming it (``source`` says whose values)."""
