@@ -17,7 +17,8 @@ from wsss.errors import ConfigError, DataError
 from wsss.io import IGNORE_INDEX, write_image_png, write_mask_png
 from wsss.models.classifier import CamClassifier, build_classifier, classifier_state
 from wsss.models.segmenter import SegmenterSpec, build_segmenter, load_segmenter, padded_forward, save_segmenter
-from wsss.segmentation import LAST, SegmentationDataset, evaluate_segmenter, train_segmenter, weight_average
+from wsss.segmentation import (LAST, SegmentationDataset, evaluate_segmenter, segmentation_loss, train_segmenter,
+                               weight_average)
 from wsss.tta import predict_labels, tta_logits
 
 NUM_CLASSES = 3
@@ -270,6 +271,21 @@ def test_augmentation_moves_the_mask_and_fills_uncovered_areas_with_ignore(tmp_p
 
 class Interrupt(Exception):
     pass
+
+
+def test_the_background_weight_scales_the_loss_of_background_pixels_only():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 5)
+    target = torch.randint(0, 4, (2, 5, 5))
+    target[0, 0, :] = 255  # ignored whatever the weights
+    per_pixel = torch.nn.functional.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    labelled = target != 255
+    background = labelled & (target == 0)
+    for weight in (1.0, 0.5, 2.0):
+        weights = torch.where(background, weight, 1.0)[labelled]
+        expected = (per_pixel[labelled] * weights).sum() / weights.sum()
+        assert float(segmentation_loss(4, weight)(logits, target)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(segmentation_loss(4, 0.5)(logits, target)) != pytest.approx(float(segmentation_loss(4)(logits, target)))
 
 
 def test_the_weight_average_follows_each_update_with_its_decay():

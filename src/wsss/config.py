@@ -306,6 +306,8 @@ class SegmenterParams(_Group):
     scale_range: tuple[float, float] = (1.0, 1.0)  # random zoom of each training image (DeepLab: 0.5-2)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # exponential moving average of the weights, this decay per
     # step: the average is what val scores and what is saved; None: the weights themselves (the paper)
+    background_weight: float = Field(1.0, gt=0)  # weight of the background class in the cross-entropy (1: unweighted,
+    # the paper); below 1 an object pixel called background costs more than the reverse
     workers: int = Field(0, ge=0)  # DataLoader worker processes
     threads: int = Field(0, ge=0)  # torch CPU threads, 0 = every core
 

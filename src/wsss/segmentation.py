@@ -2,7 +2,7 @@
 
 Images and masks are resized to ``segmenter.image_size`` (mask: nearest) and augmented together;
 geometric transforms fill the mask with 255 (ignored), never with background. Cross-entropy with
-ignore index 255; SGD with momentum (or AdamW), weight decay and two learning rates (encoder
+ignore index 255, the background class weighted by ``background_weight`` (:func:`segmentation_loss`); SGD with momentum (or AdamW), weight decay and two learning rates (encoder
 ``lr``, decoder and head ``lr x lr_head_factor``), poly decay (power 0.9) over all steps. After every epoch the
 mIoU on val (every image at its own size, :func:`wsss.models.segmenter.padded_forward`, no TTA)
 picks the best epoch (``best.pt``), and ``last.pt`` records the whole state: a re-run with the
@@ -205,6 +205,16 @@ def _resumable_state(checkpoint_dir: Path, run_fingerprint: str) -> dict | None:
     return state if best is not None and best.get("epoch") == state["best"]["epoch"] else None
 
 
+def segmentation_loss(num_classes: int, background_weight: float = 1.0) -> nn.CrossEntropyLoss:
+    """Pixel cross-entropy that skips 255, with class 0 (background) weighted by ``background_weight``
+    (the mean is over the weighted pixels, torch's convention); 1.0 is the unweighted loss."""
+    if background_weight == 1.0:
+        return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    weight = torch.ones(num_classes)
+    weight[0] = background_weight
+    return nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
+
+
 def weight_average(model: nn.Module, decay: float | None) -> AveragedModel | None:
     """An exponential moving average of ``model``'s weights and buffers (``decay`` per update), starting
     from a copy of them; None when ``decay`` is None."""
@@ -267,7 +277,7 @@ def train_segmenter(
         average.load_state_dict(state["average"])
     scored = average.module if average is not None else model  # what val scores and best.pt keeps
 
-    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    loss_fn = segmentation_loss(spec.num_classes, config.background_weight).to(device)
     distributed.check_resume_agrees(start_epoch, checkpoint_dir, context)
     trained = distributed.wrap_model(model, context)
     val_share = distributed.shard_range(len(val_images), context)
