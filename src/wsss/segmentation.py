@@ -2,8 +2,9 @@
 
 Images and masks are resized to ``segmenter.image_size`` (mask: nearest) and augmented together;
 geometric transforms fill the mask with 255 (ignored), never with background. Cross-entropy with
-ignore index 255, the background class weighted by ``background_weight`` (:func:`segmentation_loss`); SGD with momentum (or AdamW), weight decay and two learning rates (encoder
-``lr``, decoder and head ``lr x lr_head_factor``), poly decay (power 0.9) over all steps. After every epoch the
+ignore index 255, the background class weighted by ``background_weight`` (:func:`segmentation_loss`);
+SGD with momentum (or AdamW), weight decay and two learning rates (encoder ``lr``, decoder and head
+``lr x lr_head_factor``), poly decay (power 0.9) over all steps. After every epoch the
 mIoU on val (every image at its own size, :func:`wsss.models.segmenter.padded_forward`, no TTA)
 picks the best epoch (``best.pt``), and ``last.pt`` records the whole state: a re-run with the
 same fingerprint resumes and ends with the weights of an uninterrupted run (on a CPU, same seed),
