@@ -277,15 +277,30 @@ def test_the_background_weight_scales_the_loss_of_background_pixels_only():
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 5, 5)
     target = torch.randint(0, 4, (2, 5, 5))
-    target[0, 0, :] = 255  # ignored whatever the weights
-    per_pixel = torch.nn.functional.cross_entropy(logits, target, ignore_index=255, reduction="none")
-    labelled = target != 255
+    target[0, 0, :] = IGNORE_INDEX  # ignored whatever the weights
+    per_pixel = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
+    labelled = target != IGNORE_INDEX
     background = labelled & (target == 0)
     for weight in (1.0, 0.5, 2.0):
         weights = torch.where(background, weight, 1.0)[labelled]
         expected = (per_pixel[labelled] * weights).sum() / weights.sum()
         assert float(segmentation_loss(4, weight)(logits, target)) == pytest.approx(float(expected), rel=1e-6)
     assert float(segmentation_loss(4, 0.5)(logits, target)) != pytest.approx(float(segmentation_loss(4)(logits, target)))
+
+
+def test_training_uses_the_background_weight_of_its_config(tmp_path):
+    train_images, train_masks = write_pairs(tmp_path / "train", 6, 32, 32, seed=2)
+    val_images, val_masks = write_pairs(tmp_path / "val", 2, 32, 32, seed=3)
+    spec = SegmenterSpec("resnet18", NUM_CLASSES, 16, 16, ("background", "square", "bar"))
+
+    def first_loss(background_weight: float) -> float:
+        config = SegmenterParams(encoder="resnet18", decoder_channels=16, image_size=32, batch_size=3, epochs=1, lr=0.01,
+                                 augmentation="none", threads=1, background_weight=background_weight)
+        dataset = SegmentationDataset(train_images, train_masks, config.image_size, config.augmentation, seed=5)
+        result = train_segmenter(config, 5, spec, dataset, val_images, val_masks, tmp_path / str(background_weight), "fp")
+        return result.history[0].loss
+
+    assert first_loss(1.0) != pytest.approx(first_loss(0.25))  # same seed and data: only the loss's weight differs
 
 
 def test_the_weight_average_follows_each_update_with_its_decay():
