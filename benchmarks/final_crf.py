@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,9 +33,8 @@ from wsss.segmentation import predict_images
 MODELS = {"weak": "models/segmenter/model.pt", "upper bound": "models/oracle/model.pt"}
 
 
-def tta_predictions(model_path: Path, split: str, params) -> tuple[list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], int]:
+def tta_predictions(model, split: str, params) -> tuple[list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], int]:
     """``(name, image, mask, TTA prediction)`` of every val or test image with a mask, and the class count."""
-    model, _ = load_segmenter(model_path)
     manifest = load_manifest(REPO / f"data/splits/{split}.json")
     images, masks = truth_paths(manifest, split)
     predictions = predict_images(model, images, masks, manifest.num_classes, params.compute.eval_batch_size, params.evaluate.tta_scales)
@@ -62,7 +60,10 @@ def main() -> None:
     params = load_params(REPO / "params.yaml")
     distributed.init(params.compute)
     torch.set_num_threads(distributed.current().cpu_threads())
-    data = {(name, split): tta_predictions(REPO / path, split, params) for name, path in MODELS.items() for split in ("val", "test")}
+    data = {}
+    for name, path in MODELS.items():
+        model, _ = load_segmenter(REPO / path)
+        data.update({(name, split): tta_predictions(model, split, params) for split in ("val", "test")})
 
     base = params.crf
     settings = [base] + [base.model_copy(update={"gt_prob": g, "bilateral_compat": c, "bilateral_srgb": s, "bilateral_sxy": x})
