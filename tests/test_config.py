@@ -51,6 +51,8 @@ def _problems(overrides: dict) -> str:
         ({"segmenter.batch_size": 1}, "segmenter.batch_size", "greater than or equal to 2"),
         ({"segmenter.ema_decay": 1.0}, "segmenter.ema_decay", "less than 1"),
         ({"segmenter.background_weight": 0}, "segmenter.background_weight", "greater than 0"),
+        ({"segmenter.skip_disagreement": 1.5}, "segmenter.skip_disagreement", "less than or equal to 1"),
+        ({"segmenter.skip_after_epochs": -1}, "segmenter.skip_after_epochs", "greater than or equal to 0"),
         ({"evaluate.tta_scales": [1.0, -0.5]}, "evaluate.tta_scales", "must be positive"),
         ({"evaluate.crf": "sometimes"}, "evaluate.crf", "valid boolean"),
         ({"segmenter.atrous_rates": [1, 0, 3]}, "segmenter.atrous_rates.1", "greater than 0"),

@@ -18,7 +18,7 @@ def test_paper_profile_runs_end_to_end_on_a_lid_tree(tmp_path, mlflow_store):
     assert metrics["metrics/prepare.json"]["train_with_masks"] == 0
     oracle = json.loads((root / "metrics/oracle.json").read_text())
     assert oracle["available"] is False and "no ground-truth mask" in oracle["reason"]
-    assert (root / "plots/oracle/training.csv").read_text().strip() == "epoch,loss,val_miou,lr"
+    assert (root / "plots/oracle/training.csv").read_text().strip() == "epoch,loss,val_miou,lr,skipped"
     report = (root / "reports/summary.md").read_text()
     assert "Table 2" in report and "No upper bound" in report and "upper bound (true masks)" not in report
     assert json.loads((root / "metrics/evaluate.json").read_text())["final_mode"] == "tta"

@@ -17,8 +17,8 @@ from wsss.errors import ConfigError, DataError
 from wsss.io import IGNORE_INDEX, write_image_png, write_mask_png
 from wsss.models.classifier import CamClassifier, build_classifier, classifier_state
 from wsss.models.segmenter import SegmenterSpec, build_segmenter, load_segmenter, padded_forward, save_segmenter
-from wsss.segmentation import (LAST, SegmentationDataset, evaluate_segmenter, segmentation_loss, train_segmenter,
-                               weight_average)
+from wsss.segmentation import (LAST, SegmentationDataset, evaluate_segmenter, segmentation_loss, skip_confident_disagreement,
+                               train_segmenter, weight_average)
 from wsss.tta import predict_labels, tta_logits
 
 NUM_CLASSES = 3
@@ -301,6 +301,41 @@ def test_training_uses_the_background_weight_of_its_config(tmp_path):
         return result.history[0].loss
 
     assert first_loss(1.0) != pytest.approx(first_loss(0.25))  # same seed and data: only the loss's weight differs
+
+
+def test_only_labelled_pixels_the_network_contradicts_confidently_are_skipped():
+    # four pixels, three classes: logits whose softmax is (p0, p1, p2) per pixel
+    probabilities = torch.tensor([[0.05, 0.05, 0.90],   # label 1, class 2 at 0.90: contradicted -> skipped
+                                  [0.10, 0.30, 0.60],   # label 1, class 2 at 0.60: not confident -> kept
+                                  [0.02, 0.03, 0.95],   # label 2, class 2: agrees -> kept
+                                  [0.90, 0.05, 0.05]])  # unlabelled stays unlabelled
+    logits = probabilities.log().T.reshape(1, 3, 2, 2)
+    masks = torch.tensor([[[1, 1], [2, IGNORE_INDEX]]])
+    kept = skip_confident_disagreement(logits, masks, 0.8)
+    assert kept.tolist() == [[[IGNORE_INDEX, 1], [2, IGNORE_INDEX]]]
+    assert masks.tolist() == [[[1, 1], [2, IGNORE_INDEX]]]  # the batch's masks are left alone
+    assert skip_confident_disagreement(logits, masks, 0.55).tolist() == [[[IGNORE_INDEX, IGNORE_INDEX], [2, IGNORE_INDEX]]]
+    assert torch.equal(skip_confident_disagreement(logits, masks, 0.91), masks)
+
+
+def test_training_skips_contradicted_pixels_after_its_warm_up_epochs_only(tmp_path):
+    train_images, train_masks = write_pairs(tmp_path / "train", 6, 32, 32, seed=2)
+    val_images, val_masks = write_pairs(tmp_path / "val", 2, 32, 32, seed=3)
+    spec = SegmenterSpec("resnet18", NUM_CLASSES, 16, 16, ("background", "square", "bar"))
+
+    def history(name: str, **skip) -> list:
+        config = SegmenterParams(encoder="resnet18", decoder_channels=16, image_size=32, batch_size=3, epochs=3, lr=0.01,
+                                 augmentation="none", threads=1, **skip)
+        dataset = SegmentationDataset(train_images, train_masks, config.image_size, config.augmentation, seed=5)
+        return train_segmenter(config, 5, spec, dataset, val_images, val_masks, tmp_path / name, "fp").history
+
+    # a low confidence: a network trained for an epoch contradicts some labels at 0.4
+    skipping = history("skip", skip_disagreement=0.4, skip_after_epochs=1)
+    plain = history("plain")
+    assert skipping[0].skipped == 0 and skipping[0].loss == pytest.approx(plain[0].loss)  # the warm-up epoch: every pixel
+    assert 0 < skipping[1].skipped < 1 and 0 < skipping[2].skipped < 1
+    assert skipping[1].loss != pytest.approx(plain[1].loss)
+    assert all(record.skipped == 0 for record in plain)
 
 
 def test_the_weight_average_follows_each_update_with_its_decay():

@@ -21,7 +21,8 @@ from wsss.models.segmenter import load_segmenter
 from wsss.stages.report import headline_metrics, summary_markdown
 
 STEP3 = {**STEP2, "person.merge": True, "segmenter.epochs": 2, "segmenter.batch_size": 8, "segmenter.image_size": 32, "segmenter.decoder_channels": 16,
-         "segmenter.threads": 1, "evaluate.tta_scales": [1.0, 0.5], "evaluate.num_figures": 2}
+         "segmenter.threads": 1, "evaluate.tta_scales": [1.0, 0.5], "evaluate.num_figures": 2,
+         "segmenter.skip_disagreement": 0.3, "segmenter.skip_after_epochs": 1}  # low: a 1-epoch network contradicts some labels
 
 
 @pytest.fixture
@@ -47,7 +48,10 @@ def test_step3_stages_train_evaluate_and_report(step2_project):
     assert (spec.encoder, spec.classifier_arch, spec.output_stride) == ("classifier", "small_cnn", 8)  # the CPU default
     segmenter = json.loads((root / "metrics/segmenter.json").read_text())
     assert segmenter["trained_on"] == "pseudo masks" and 1 <= segmenter["best_epoch"] <= 2
-    assert [int(r["epoch"]) for r in _rows(root / "plots/segmenter/training.csv")] == [1, 2]
+    curve = _rows(root / "plots/segmenter/training.csv")
+    assert [int(r["epoch"]) for r in curve] == [1, 2]
+    assert float(curve[0]["skipped"]) == 0 and 0 < float(curve[1]["skipped"]) < 1  # skipping starts after the warm-up epoch
+    assert all(float(r["skipped"]) == 0 for r in _rows(root / "plots/oracle/training.csv"))  # never on the true masks
 
     oracle = json.loads((root / "metrics/oracle.json").read_text())
     assert oracle["available"] and oracle["trained_on"] == "truth masks"
@@ -91,6 +95,7 @@ def test_step3_stages_train_evaluate_and_report(step2_project):
     assert pipeline["metrics.pseudo_masks.val.miou"] == pytest.approx(json.loads((root / "metrics/pseudo_masks.json").read_text())["val"]["miou"])
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(runs.iloc[-4]["run_id"], "val_miou")) == 2  # per epoch
+    assert runs.iloc[-4]["params.segmenter.skip_disagreement"] == "0.3" and runs.iloc[-3]["params.segmenter.skip_disagreement"] == "None"
     for run in (runs.iloc[-4], runs.iloc[-3]):  # the classifier encoder's weights are a lineage input of both
         assert run["tags.wsss.input.classifier"] == tracking.input_hashes({"c": root / "models/classifier/model.pt"})["c"]
     assert runs.iloc[-3]["metrics.test_tta_miou"] == pytest.approx(oracle["test"]["tta"]["miou"])

@@ -308,6 +308,9 @@ class SegmenterParams(_Group):
     # step: the average is what val scores and what is saved; None: the weights themselves (the paper)
     background_weight: float = Field(1.0, gt=0)  # weight of the background class in the cross-entropy (1: unweighted,
     # the paper); below 1 an object pixel called background costs more than the reverse
+    skip_disagreement: float | None = Field(None, gt=0, le=1)  # after skip_after_epochs: a labelled pixel whose label the
+    # network contradicts (another class, softmax >= this) is left out of the loss; None: every labelled pixel (the paper)
+    skip_after_epochs: int = Field(3, ge=0)  # epochs trained on every labelled pixel first
     workers: int = Field(0, ge=0)  # DataLoader worker processes
     threads: int = Field(0, ge=0)  # torch CPU threads, 0 = every core
 

@@ -12,6 +12,10 @@ because every epoch reseeds shuffling, augmentation, dropout and torch from ``(s
 With ``ema_decay`` an exponential moving average of the weights (BatchNorm statistics included) follows
 every step; the average, not the last step's weights, is scored on val and saved as the model. On noisy
 pseudo masks it scores steadier and higher than the weights it averages (benchmarks/README.md).
+With ``skip_disagreement``, after ``skip_after_epochs`` epochs every batch leaves out of the loss the
+labelled pixels whose label the network contradicts with that confidence (:func:`skip_confident_disagreement`):
+a pseudo mask's wrong labels stop pulling the network back once it has learned the class from the
+images where that class is labelled right; the share of labelled pixels left out is in each epoch's record.
 Under torchrun every process trains on its slice of the same global batches (DDP averages the
 gradients) and scores its share of val; the confusion matrices are summed, so every process
 takes the same best-epoch decision. Rank 0 writes the checkpoints.
@@ -106,6 +110,7 @@ class EpochRecord:
     loss: float
     val_miou: float
     lr: float
+    skipped: float = 0.0  # share of the labelled pixels left out of the loss (skip_disagreement)
 
 
 @dataclass
@@ -216,6 +221,15 @@ def segmentation_loss(num_classes: int, background_weight: float = 1.0) -> nn.Cr
     return nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
 
 
+def skip_confident_disagreement(logits: torch.Tensor, masks: torch.Tensor, confidence: float) -> torch.Tensor:
+    """``masks`` with :data:`IGNORE_INDEX` where a labelled pixel's most probable class (softmax of
+    ``logits``, ``(N, C, H, W)``) is not its label and has probability ``confidence`` or more."""
+    with torch.no_grad():
+        probability, predicted = logits.detach().float().softmax(dim=1).max(dim=1)
+        contradicted = (masks != IGNORE_INDEX) & (predicted != masks) & (probability >= confidence)
+    return masks.masked_fill(contradicted, IGNORE_INDEX)
+
+
 def weight_average(model: nn.Module, decay: float | None) -> AveragedModel | None:
     """An exponential moving average of ``model``'s weights and buffers (``decay`` per update), starting
     from a copy of them; None when ``decay`` is None."""
@@ -290,6 +304,8 @@ def train_segmenter(
                                              key="segmenter.batch_size")
         trained.train()
         total, seen, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
+        skipping = config.skip_disagreement is not None and epoch > config.skip_after_epochs
+        labelled, skipped = 0, 0
         for images, masks in tqdm(loader, desc=f"{desc} epoch {epoch}/{config.epochs}", unit="batch", leave=False,
                                   disable=not context.is_main):
             for group in optimizer.param_groups:
@@ -297,7 +313,13 @@ def train_segmenter(
             lr = optimizer.param_groups[0]["lr"]
             images, masks = images.to(device), masks.to(device)
             with context.autocast():
-                loss = loss_fn(trained(images).float(), masks)
+                logits = trained(images).float()
+                if skipping:
+                    kept = skip_confident_disagreement(logits, masks, config.skip_disagreement)
+                    labelled += int((masks != IGNORE_INDEX).sum())
+                    skipped += int((masks != IGNORE_INDEX).sum() - (kept != IGNORE_INDEX).sum())
+                    masks = kept
+                loss = loss_fn(logits, masks)
             distributed.optimizer_step(loss, optimizer, scaler, "segmenter", epoch)
             step += 1
             if average is not None:
@@ -311,8 +333,8 @@ def train_segmenter(
         matrix = validation_matrix(scored, val_images[val_share.start : val_share.stop], val_masks[val_share.start : val_share.stop],
                                    spec.num_classes, config.batch_size)
         scores = segmentation_scores(distributed.all_reduce_sum(matrix, context))
-        total, seen = distributed.all_reduce_sum(np.array([total, seen], dtype=np.float64), context)
-        record = EpochRecord(epoch, float(total / max(seen, 1)), scores.miou, lr)
+        total, seen, labelled, skipped = distributed.all_reduce_sum(np.array([total, seen, labelled, skipped], dtype=np.float64), context)
+        record = EpochRecord(epoch, float(total / max(seen, 1)), scores.miou, lr, float(skipped / labelled) if labelled else 0.0)
         history.append(record)
         if best_epoch == 0 or _score(record.val_miou) > _score(best_miou):
             best_epoch, best_miou = epoch, record.val_miou

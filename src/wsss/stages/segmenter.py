@@ -33,15 +33,15 @@ from wsss.stages.paths import (CLASSIFIER_PATH, ORACLE_METRICS, ORACLE_PATH, PRE
 
 SEGMENTER_CURVE = Path("plots/segmenter/training.csv")
 ORACLE_CURVE = Path("plots/oracle/training.csv")
-CURVE_COLUMNS = ("epoch", "loss", "val_miou", "lr")  # plots/{segmenter,oracle}/training.csv
+CURVE_COLUMNS = ("epoch", "loss", "val_miou", "lr", "skipped")  # plots/{segmenter,oracle}/training.csv
 _NOT_IN_FINGERPRINT = {"workers", "threads"}  # how fast, not what is computed
 # the MLflow model of each stage's run; the final one is registered (wsss.serving.REGISTERED_NAME)
 MLFLOW_MODEL_NAMES = {"pseudo": "segmenter", "truth": "upper_bound"}
 
 
-def _segmenter_params(params: Params) -> dict:
+def _segmenter_params(params: Params, config: SegmenterParams) -> dict:
     """Logged params: what the run computes (a resumed run may change workers and threads)."""
-    return {"seed": params.seed, **flatten(params.segmenter.model_dump(exclude=_NOT_IN_FINGERPRINT), "segmenter.")}
+    return {"seed": params.seed, **flatten(config.model_dump(exclude=_NOT_IN_FINGERPRINT), "segmenter.")}
 
 
 def segmenter_spec(params: Params, train: Manifest, config: SegmenterParams | None = None) -> SegmenterSpec:
@@ -72,7 +72,7 @@ def fit_tracked(config: SegmenterParams, seed: int, spec: SegmenterSpec, dataset
 
     result = train_segmenter(
         config, seed, spec, dataset, val_images, val_masks, checkpoint_dir, run_fingerprint, encoder_weights=encoder_weights,
-        on_epoch=lambda r: mlflow.log_metrics({"loss": r.loss, "val_miou": r.val_miou, "lr": r.lr}, step=r.epoch),
+        on_epoch=lambda r: mlflow.log_metrics({"loss": r.loss, "val_miou": r.val_miou, "lr": r.lr, "skipped_pixels": r.skipped}, step=r.epoch),
         extra_state={"mlflow_run_id": run_id}, desc=desc)
     model = build_segmenter(spec)
     model.load_state_dict(result.best_state)
@@ -96,6 +96,10 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
     images = [train.image_path(r) for r in train.records]
     val_images, val_masks = truth_paths(val, "val")
     config = params.segmenter
+    if masks == "truth":
+        # skip_disagreement is for noisy pseudo masks: on true masks it would only drop right labels, and a weaker
+        # upper bound (test TTA + CRF 0.779 -> 0.774, benchmarks/README.md) would flatter the weak model's share
+        config = config.model_copy(update={"skip_disagreement": None})
     encoder_weights, weight_files = encoder_inputs(params, root)
     hashes = tracking.input_hashes({**inputs, **weight_files, "splits": root / SPLITS_DIR})
     run_fingerprint = checkpoint.fingerprint({k: v for k, v in config.model_dump().items() if k not in _NOT_IN_FINGERPRINT},
@@ -111,7 +115,7 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
         return {}
     previous = checkpoint.load_if_compatible(checkpoint_dir / LAST, run_fingerprint)
 
-    with tracking.stage_run(stage, params.tracking.experiment, _segmenter_params(params), root=root, hashes=hashes,
+    with tracking.stage_run(stage, params.tracking.experiment, _segmenter_params(params, config), root=root, hashes=hashes,
                             resume_run_id=unfinished_run(previous, config.epochs)) as run:
         result, model = fit_tracked(config, params.seed, spec, dataset, val_images, val_masks, checkpoint_dir, run_fingerprint,
                                     encoder_weights, run.info.run_id, desc=stage)
@@ -119,7 +123,8 @@ def _train_stage(params: Params, root: Path, stage: str, masks: str, evaluate_af
         save_segmenter(model_path, model, spec, extra={"trained_on": masks, "best_epoch": result.best_epoch})
         serving.log_segmenter_model(model_path, MLFLOW_MODEL_NAMES[masks], serving.example_image(read_image(val_images[0])),
                                     register=masks == "pseudo")
-        curve = [dict(zip(CURVE_COLUMNS, (r.epoch, f"{r.loss:.6f}", f"{r.val_miou:.6f}", f"{r.lr:.6g}"), strict=True)) for r in result.history]
+        curve = [dict(zip(CURVE_COLUMNS, (r.epoch, f"{r.loss:.6f}", f"{r.val_miou:.6f}", f"{r.lr:.6g}", f"{r.skipped:.6f}"), strict=True))
+                 for r in result.history]
         write_csv(root / (SEGMENTER_CURVE if masks == "pseudo" else ORACLE_CURVE), curve)
         metrics = {"trained_on": f"{masks} masks", "train_images": len(images), "best_epoch": result.best_epoch,
                    "best_val_miou": result.best_miou, "epochs": config.epochs, "steps": result.steps}
