@@ -21,6 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 GRID_STAGES = ("person_classifier", "ablation_masks", "person_masks", "ablation_cell", "ablation_report")
 
 
+
+def _present(run, column: str) -> bool:
+    """``column`` is in this search's results (no run of the window logged it: absent) and set for ``run`` (not NaN)."""
+    value = run.get(column)
+    return value is not None and value == value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--since", type=float, help="no run: tabulate the grid runs started after this UNIX time")
@@ -58,9 +65,9 @@ def main() -> None:
         elif run["tags.wsss.stage"] == "ablation_masks":
             cell = f"thr {run['params.ablation.threshold']}"
         scores = ""
-        if run.get("metrics.val_plain_miou") == run.get("metrics.val_plain_miou"):  # not NaN
+        if _present(run, "metrics.val_plain_miou"):
             scores = f"{run['metrics.val_plain_miou']:.3f} / {run['metrics.val_tta_miou']:.3f}"
-        elif run.get("metrics.pseudo_mask_miou") == run.get("metrics.pseudo_mask_miou"):
+        elif _present(run, "metrics.pseudo_mask_miou"):
             scores = f"pseudo masks {run['metrics.pseudo_mask_miou']:.3f}"
         print(f"| {run['tags.wsss.stage']} | {cell} | {seconds:.0f} | {scores} |")
     print(f"| **sum of the grid's stages** | | **{total:.0f}** ({total / 60:.1f} min) | |")
