@@ -6,7 +6,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,3 +33,17 @@ def scratch_project(reused: Iterable[str]) -> Iterator[Path]:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def run_stages(params, reused: Iterable[str], stages: Iterable[str], read: Callable[[Path], object]) -> tuple[object, dict[str, float]]:
+    """``stages`` (``wsss.stages.STAGES`` names) in turn on ``params`` in a :func:`scratch_project` with ``reused``
+    linked in: what ``read(root)`` returns before the folder goes, and each stage's seconds."""
+    from wsss.stages import STAGES
+
+    with scratch_project(reused) as root:
+        timings = {}
+        for stage in stages:
+            start = time.perf_counter()
+            STAGES[stage](params, root)
+            timings[stage] = time.perf_counter() - start
+        return read(root), timings

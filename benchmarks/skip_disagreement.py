@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import time
 
-from _scratch import REPO, scratch_project
+from _scratch import REPO, run_stages
 from wsss import distributed
 from wsss.config import load_params
 from wsss.evaluation import final_mode
 from wsss.io import read_json
-from wsss.stages import STAGES
 
 REUSED = ("data/prepared", "data/splits", "models/classifier", "cams", "pseudo_masks", "metrics/pseudo_masks.json")
 
@@ -32,14 +30,12 @@ REUSED = ("data/prepared", "data/splits", "models/classifier", "cams", "pseudo_m
 def run_weak(params) -> tuple[dict, list[dict], float]:
     """``train_segmenter`` and ``evaluate`` on ``params`` in a scratch project: the evaluation metrics, the
     training curve's rows and the seconds."""
-    with scratch_project(REUSED) as root:
-        start = time.perf_counter()
-        for stage in ("train-segmenter", "evaluate"):
-            STAGES[stage](params, root)
-        seconds = time.perf_counter() - start
+    def read(root):
         with (root / "plots/segmenter/training.csv").open(newline="") as handle:
-            curve = list(csv.DictReader(handle))
-        return read_json(root / "metrics/evaluate.json"), curve, seconds
+            return read_json(root / "metrics/evaluate.json"), list(csv.DictReader(handle))
+
+    (metrics, curve), timings = run_stages(params, REUSED, ("train-segmenter", "evaluate"), read)
+    return metrics, curve, sum(timings.values())
 
 
 def main() -> None:

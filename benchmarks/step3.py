@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
-from _scratch import REPO, scratch_project
+from _scratch import REPO, run_stages
 from wsss import distributed
 from wsss.config import load_params
 from wsss.evaluation import final_mode
 from wsss.io import read_json
-from wsss.stages import STAGES
 
 REUSED = ("data/prepared", "data/splits", "models/classifier", "cams", "pseudo_masks", "metrics/prepare.json", "metrics/data.json",
           "metrics/classifier.json", "metrics/cams.json", "metrics/ir_labels.json", "metrics/irnet.json",
@@ -37,14 +35,8 @@ REUSED = ("data/prepared", "data/splits", "models/classifier", "cams", "pseudo_m
 
 def run_step3(params) -> tuple[dict, dict[str, float]]:
     """The step-3 stages on ``params`` in a scratch project: every metrics file they read or write, and their seconds."""
-    with scratch_project(REUSED) as root:
-        timings = {}
-        for stage in ("train-segmenter", "oracle", "evaluate", "report"):
-            start = time.perf_counter()
-            STAGES[stage](params, root)
-            timings[stage] = time.perf_counter() - start
-        metrics = {name: read_json(root / f"metrics/{name}.json") for name in ("cams", "pseudo_masks", "evaluate", "oracle", "segmenter")}
-    return metrics, timings
+    return run_stages(params, REUSED, ("train-segmenter", "oracle", "evaluate", "report"),
+                      lambda root: {name: read_json(root / f"metrics/{name}.json") for name in ("cams", "pseudo_masks", "evaluate", "oracle", "segmenter")})
 
 
 def seed_rows(params, seeds: list[int]) -> None:
