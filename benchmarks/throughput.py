@@ -72,71 +72,79 @@ def training_step(model: torch.nn.Module, loss_of, autocast):
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--batch", type=int, default=2, help="training batch (the profile's 40 / 32 / 12 need a GPU)")
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+PAPER_SIZES = {"classifier": 352, "irnet_crop": 512, "segmenter": 352, "image": VOC_SIZE}
+SMOKE_SIZES = {"classifier": 32, "irnet_crop": 32, "segmenter": 32, "image": (40, 48)}  # the code path on a CPU in seconds
+WHAT = {"train_classifier": "training step, {classifier} px", "cams": "CAMs, 4 scales x flip, {h} x {w}",
+        "train_irnet": "training step, {irnet_crop} px crop", "pseudo_masks": "boundary map x flip + walk, {h} x {w}",
+        "train_segmenter": "training step, {segmenter} px", "evaluate": "TTA 0.5 1 2 x flip, {h} x {w}"}
+
+
+def measure(device: torch.device, precision: str, batch: int, steps: int, sizes: dict = PAPER_SIZES) -> dict[str, dict]:
+    """Per stage: ``seconds`` per image and ``peak_mib`` (the stage's peak CUDA memory; None on a CPU)."""
     torch.manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    batch, image = args.batch, torch.rand(1, 3, *VOC_SIZE, device=device)
-    seconds: dict[str, float] = {}  # per image
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    image = torch.rand(1, 3, *sizes["image"], device=device)
+    result: dict[str, dict] = {}
 
-    classifier = build_classifier("vgg16_bn_d1", num_outputs=20, extra_convs=4).to(device)
-    images, targets = torch.rand(batch, 3, 352, 352, device=device), torch.randint(0, 2, (batch, 20), device=device).float()
-    classifier_step = training_step(classifier, lambda m: F.binary_cross_entropy_with_logits(m(images), targets), autocast)
+    def record(stage: str, step, per: int = 1) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(step, steps, device) / per
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        result[stage] = {"seconds": seconds, "peak_mib": peak}
 
-    seconds["train_classifier"] = timed(classifier_step, args.steps, device) / batch
-    classifier.eval()
+    def step1() -> None:  # each network in a function of its own: its memory is freed before the next
+        side = sizes["classifier"]
+        classifier = build_classifier("vgg16_bn_d1", num_outputs=20, extra_convs=4).to(device)
+        images, targets = torch.rand(batch, 3, side, side, device=device), torch.randint(0, 2, (batch, 20), device=device).float()
+        record("train_classifier", training_step(classifier, lambda m: F.binary_cross_entropy_with_logits(m(images), targets), autocast), batch)
+        classifier.eval()
 
-    def cams_step():
-        with torch.no_grad(), autocast:
-            labelled_cams(classifier, image, [1.0, 0.5, 1.5, 2.0], [torch.tensor([3, 7])])
+        def cams_step():
+            with torch.no_grad(), autocast:
+                labelled_cams(classifier, image, [1.0, 0.5, 1.5, 2.0], [torch.tensor([3, 7])])
 
-    seconds["cams"] = timed(cams_step, args.steps, device)
+        record("cams", cams_step)
 
-    irnet = IRNet(resnet50_stages("none")).to(device)
-    crops = torch.rand(batch, 3, 512, 512, device=device)
-    labels = torch.randint(0, 3, (batch, 512, 512), device=device)
-    labels[labels == 2] = 255
-    offsets = half_plane_offsets(5)
-    irnet_step = training_step(irnet, lambda m: irnet_losses(m, crops, labels, offsets)["total"], autocast)
+    def step2() -> None:
+        crop = sizes["irnet_crop"]
+        irnet = IRNet(resnet50_stages("none")).to(device)
+        crops = torch.rand(batch, 3, crop, crop, device=device)
+        labels = torch.randint(0, 3, (batch, crop, crop), device=device)
+        labels[labels == 2] = 255
+        offsets = half_plane_offsets(5)
+        record("train_irnet", training_step(irnet, lambda m: irnet_losses(m, crops, labels, offsets)["total"], autocast), batch)
+        irnet.eval()
 
-    seconds["train_irnet"] = timed(irnet_step, args.steps, device) / batch
-    irnet.eval()
+        def walk_step():
+            with torch.no_grad():
+                boundary = irnet.boundary_map(image)[0].float()
+                cams = torch.rand(2, *boundary.shape, device=device)
+                propagate_many([cams], [boundary], 5, 10.0, 8)
 
-    def walk_step():
-        with torch.no_grad():
-            boundary = irnet.boundary_map(image)[0].float()
-            cams = torch.rand(2, *boundary.shape, device=device)
-            propagate_many([cams], [boundary], 5, 10.0, 8)
+        record("pseudo_masks", walk_step)
 
-    seconds["pseudo_masks"] = timed(walk_step, args.steps, device)
+    def step3() -> None:
+        side = sizes["segmenter"]
+        segmenter = build_segmenter(SegmenterSpec("resnet50", 21, 8, 256, atrous_rates=(12, 24, 36))).to(device)
+        images, masks = torch.rand(batch, 3, side, side, device=device), torch.randint(0, 21, (batch, side, side), device=device)
+        record("train_segmenter", training_step(segmenter, lambda m: F.cross_entropy(m(images), masks, ignore_index=255), autocast), batch)
+        segmenter.eval()
 
-    segmenter = build_segmenter(SegmenterSpec("resnet50", 21, 8, 256, atrous_rates=(12, 24, 36))).to(device)
-    images, masks = torch.rand(batch, 3, 352, 352, device=device), torch.randint(0, 21, (batch, 352, 352), device=device)
-    segmenter_step = training_step(segmenter, lambda m: F.cross_entropy(m(images), masks, ignore_index=255), autocast)
+        def tta_step():
+            with torch.no_grad(), autocast:
+                tta_logits(segmenter, image, [0.5, 1.0, 2.0])
 
-    seconds["train_segmenter"] = timed(segmenter_step, args.steps, device) / batch
-    segmenter.eval()
+        record("evaluate", tta_step)
 
-    def tta_step():
-        with torch.no_grad(), autocast:
-            tta_logits(segmenter, image, [0.5, 1.0, 2.0])
+    for part in (step1, step2, step3):
+        part()
+    return result
 
-    seconds["evaluate"] = timed(tta_step, args.steps, device)
 
-    print(f"\npaper networks, {args.device}, {args.precision}, training batch {batch}, torch threads {torch.get_num_threads()}\n")
-    print("| stage | what one image costs | images/s |\n|---|---|---:|")
-    what = {"train_classifier": "training step, 352 px", "cams": "CAMs, 4 scales x flip, 375 x 500",
-            "train_irnet": "training step, 512 px crop", "pseudo_masks": "boundary map x flip + walk, 375 x 500",
-            "train_segmenter": "training step, 352 px", "evaluate": "TTA 0.5 1 2 x flip, 375 x 500"}
-    for stage, cost in seconds.items():
-        print(f"| {stage} | {what[stage]} | {1 / cost:.2f} |")
-    print("\n| dataset | classifier | CAMs | IRNet | pseudo masks | segmenter | evaluate | total hours |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+def estimated_hours(seconds: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Hours per stage of the paper profile on each dataset, from ``seconds`` per image of each stage."""
+    table = {}
     for name, counts in DATASETS.items():
         hours = {
             "classifier": counts["train"] * EPOCHS["classifier"] * seconds["train_classifier"],
@@ -146,9 +154,35 @@ def main() -> None:
             "segmenter": counts["train"] * EPOCHS["segmenter"] * seconds["train_segmenter"] * (2 if name.startswith("VOC") else 1),
             "evaluate": counts["heldout"] * seconds["evaluate"],
         }
-        hours = {key: value / 3600 for key, value in hours.items()}
+        table[name] = {key: value / 3600 for key, value in hours.items()}
+    return table
+
+
+def tables(measured: dict[str, dict], sizes: dict = PAPER_SIZES) -> str:
+    """Markdown: images per second (and peak memory) per stage, then the estimated hours per dataset."""
+    h, w = sizes["image"]
+    lines = ["| stage | what one image costs | images/s | peak GPU MiB |", "|---|---|---:|---:|"]
+    for stage, entry in measured.items():
+        peak = f"{entry['peak_mib']:.0f}" if entry["peak_mib"] is not None else "n/a"
+        lines.append(f"| {stage} | {WHAT[stage].format(h=h, w=w, **sizes)} | {1 / entry['seconds']:.2f} | {peak} |")
+    lines += ["", "| dataset | classifier | CAMs | IRNet | pseudo masks | segmenter | evaluate | total hours |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, hours in estimated_hours({stage: entry["seconds"] for stage, entry in measured.items()}).items():
         cells = [f"{value:.1f}" if value or key != "evaluate" else "n/a" for key, value in hours.items()]
-        print(f"| {name} | " + " | ".join(cells) + f" | **{sum(hours.values()):.1f}** |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{sum(hours.values()):.1f}** |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--batch", type=int, default=2, help="training batch (the profile's 40 / 32 / 12 need a GPU)")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    measured = measure(torch.device(args.device), args.precision, args.batch, args.steps)
+    print(f"\npaper networks, {args.device}, {args.precision}, training batch {args.batch}, torch threads {torch.get_num_threads()}\n")
+    print(tables(measured))
 
 
 if __name__ == "__main__":

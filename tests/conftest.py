@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,17 @@ TINY = {
 # collection order, --no-loadscope-reorder): started last, they would leave one worker running alone.
 SLOW_FILES = ("test_faults.py", "test_paper_repro_voc.py", "test_paper_repro_lid.py", "test_distributed.py", "test_ablation.py",
               "test_dvc_pipeline.py")
+
+
+def pytest_configure(config) -> None:
+    """With one xdist worker per core (`make test`), each worker and the stages it starts keep to a core of
+    their own (CPU affinity: the stages' threads follow it, wsss.distributed.available_cpus): torch threads of
+    two workers on one core spin against each other and ran the suite 1.5-2x slower."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        if count >= len(cpus) > 1:
+            os.sched_setaffinity(0, {cpus[int(worker.removeprefix("gw")) % len(cpus)]})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

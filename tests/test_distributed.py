@@ -29,14 +29,21 @@ from wsss.affinity import half_plane_offsets
 from wsss.errors import ConfigError, TrainingDiverged
 from wsss.irnet import irnet_losses
 
-# Batch sizes are global batches: multiples of the 2 processes; fp32, whose rounding the tolerances below measure.
+# Batch sizes are global batches: multiples of the 2 processes; fp32 on every machine.
 PARALLEL = {**STEP3, "compute.precision": "fp32", "classifier.epochs": 3, "classifier.batch_size": 8, "classifier.threads": 1, "irnet.batch_size": 8,
             "segmenter.batch_size": 8, "segmenter.epochs": 2, "compute.shard_size": 8}  # several shards: each process writes some
-# The tolerance of 2 processes against 1 (measured: benchmarks/README.md, "Several processes").
-# IRNet: the same loss to float rounding (same global batches, GroupNorm, pair means over the global
-# batch). The classifier and DeepLabv3+ have BatchNorm, whose statistics are per process on CPUs
-# (gloo: no SyncBatchNorm), and DeepLabv3+ has dropout: their curves drift apart from epoch 1 on.
-TOLERANCE = {"irnet_losses": 1e-4, "loss": 0.03, "f1": 0.1, "miou": 0.05}
+# What 2 processes must share with 1 exactly, by construction: the global batches (so the step counts), the inference
+# outputs (each image is computed alone: same bytes), a resumed run's end (same arithmetic as the uninterrupted one).
+# What they share only approximately, and the margins:
+# - IRNet (GroupNorm, no dropout): the same loss but for the order in which the all-reduce sums the two halves'
+#   gradients (fp32 rounding, ~1e-7 a step); over the test's few steps it stayed below 1e-4 on an AVX-512 and an
+#   AVX2 CPU, so rel 1e-4 catches any change of the batches or the loss's mean.
+# - The classifier and DeepLabv3+: BatchNorm normalises each process's half batch by its own statistics (gloo has no
+#   SyncBatchNorm) and each process draws its own dropout masks: the same method on the same batches, not the same
+#   arithmetic, and the curves part as two seeds do from the first step on (segmenter epoch-2 loss within 3 % on an
+#   AVX-512 CPU, 4.1 % apart on an AVX2 one). The margins bound that drift with room for any CPU (~4x the largest
+#   drift seen), not the rounding of one.
+TOLERANCE = {"irnet_losses": 1e-4, "loss": 0.15, "f1": 0.2, "miou": 0.1}
 
 
 def _batches(loader) -> list[list[int]]:
@@ -128,12 +135,14 @@ def test_cuda_on_a_machine_without_it_is_a_parameter_error():
         distributed.init(validate_params(make_document({"compute.device": "cuda"})).compute)
 
 
-def test_bf16_training_runs_and_never_resumes_an_fp32_checkpoint(project, mlflow_store):
-    (project / "params.yaml").write_text(yaml.safe_dump(make_document({**PARALLEL, "classifier.epochs": 1})))
+def test_auto_precision_is_recorded_as_resolved_and_never_resumes_a_checkpoint_of_the_other(project, mlflow_store, monkeypatch):
+    # compute.precision: auto on a machine without native bf16, then on one with it (the detection mocked)
+    (project / "params.yaml").write_text(yaml.safe_dump(make_document({**PARALLEL, "classifier.epochs": 1, "compute.precision": "auto"})))
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
     for stage in ("prepare", "split", "train-classifier"):
         assert main([stage, "--root", str(project)]) == 0
     fp32 = json.loads((project / "metrics/classifier.json").read_text())
-    (project / "params.yaml").write_text(yaml.safe_dump(make_document({**PARALLEL, "classifier.epochs": 1, "compute.precision": "bf16"})))
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
     assert main(["train-classifier", "--root", str(project)]) == 0
     bf16 = json.loads((project / "metrics/classifier.json").read_text())
     runs = mlflow.search_runs(experiment_names=["wsss"], filter_string="tags.`wsss.stage` = 'train_classifier'",

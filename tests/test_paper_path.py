@@ -124,7 +124,14 @@ def test_a_voc_format_dataset_of_ones_own_with_no_person(project, mlflow_store, 
     _own_voc(project)
     document = make_document({**VOC_OWN, "data.person_class": None, "data.voc.classes": ["tray", "cup", "spoon"]}, tiny=False)
     (project / "params.yaml").write_text(yaml.safe_dump(document))
+    # the CPU default merges the person: without a person class that is refused by the first stage, naming the key
+    assert main(["prepare", "--root", str(project)]) == 2
+    assert "person.merge: true needs a person class" in capsys.readouterr().err
+    assert not (project / "data/prepared").exists()
+    document["person"]["merge"] = False
+    (project / "params.yaml").write_text(yaml.safe_dump(document))
     assert main(["prepare", "--root", str(project)]) == 0
+    assert "ablation.person" in capsys.readouterr().err  # a warning: the ablation's person cells will be refused
     assert main(["split", "--root", str(project)]) == 0
     manifest = load_manifest(project / "data/prepared/manifest.json")
     assert manifest.class_names == ("background", "tray", "cup", "spoon") and manifest.person_class is None

@@ -11,11 +11,13 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 from conftest import make_document, make_params
 from optuna.trial import TrialState
 from test_step1 import STEP2, write_made_up_person_cams
 
+from wsss import distributed, preflight
 from wsss.cli import main
 from wsss.config import load_params, with_values
 from wsss.data.manifest import load_manifest
@@ -165,6 +167,13 @@ def test_the_objective_scores_the_masks_the_pseudo_masks_stage_makes_with_the_pe
     fp32, bf16 = (params.model_copy(update={"compute": params.compute.model_copy(update={"precision": precision})})
                   for precision in ("fp32", "bf16"))
     assert study_name(fp32, root) != study_name(bf16, root)
+    # auto is named as the precision it resolves to on this machine
+    auto = params.model_copy(update={"compute": params.compute.model_copy(update={"precision": "auto"})})
+    for native, same in ((True, bf16), (False, fp32)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(distributed, "cpu_has_native_bf16", lambda native=native: native)
+            patch.setattr(torch.cuda, "is_available", lambda: False)
+            assert study_name(auto, root) == study_name(same, root)
 
 
 def test_resume_reruns_a_trial_killed_mid_way_once_and_completes_the_study(sweep_project):
@@ -220,7 +229,10 @@ def test_a_bad_range_is_rejected_naming_the_field(space, field):
 def test_a_key_without_effect_under_the_background_stops_the_sweep_not_the_pipeline(sweep_project, capsys):
     document = make_document({**SWEEP, "sweep.space": {"irnet.bg_weight": {"low": 1.0, "high": 2.0}}})  # background: plane
     (sweep_project / "params.yaml").write_text(yaml.safe_dump(document))
-    assert main(["check-params", "--root", str(sweep_project)]) == 0  # the stages still run
+    # check-params checks every pipeline's settings; the main pipeline's stages still run (prepare only warns)
+    assert main(["check-params", "--root", str(sweep_project)]) == 2
+    assert "sweep.space.irnet.bg_weight: irnet.background is 'plane'" in capsys.readouterr().err
+    assert preflight.problems(load_params(sweep_project / "params.yaml"), sweep_project, (preflight.MAIN,)) == []
     assert main(["sweep", "--root", str(sweep_project)]) == 2
     assert "sweep.space.irnet.bg_weight: irnet.background is 'plane'" in capsys.readouterr().err
     assert not (sweep_project / "sweeps").exists()

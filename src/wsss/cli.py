@@ -100,14 +100,16 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "check-params":
         import yaml
 
+        from wsss import preflight
         from wsss.config import missing_dvc_params
         from wsss.errors import ConfigError
 
-        missing = missing_dvc_params(yaml.safe_load(Path(params_path).read_text()), root)
-        if missing:
-            raise ConfigError(params_path, missing)
+        problems = missing_dvc_params(yaml.safe_load(Path(params_path).read_text()), root) + preflight.problems(params, root)
+        if problems:
+            raise ConfigError(params_path, problems)
         print(f"{params_path}: valid, and holds every key the dvc.yaml files read")
         return
+    _refuse_at_start(args.command, params, root, params_path)
 
     if args.command == "sweep":
         from wsss.stages.sweep import run_sweep
@@ -133,6 +135,27 @@ def _run(args: argparse.Namespace) -> None:
         STAGES[args.command](params, root)
     finally:
         distributed.shutdown()
+
+
+# the first stage of each pipeline, and the rules (wsss.preflight) it refuses before any work
+_FIRST_STAGES = {"prepare": "main", "sweep": "sweep", "ablation-masks": "ablation"}
+
+
+def _refuse_at_start(command: str, params, root: Path, params_path: Path) -> None:
+    """The first stage of a pipeline refuses every setting that one of its later stages would refuse;
+    ``prepare`` also prints (without refusing) what the sweep's and the ablation's first stages will refuse."""
+    if command not in _FIRST_STAGES:
+        return
+    from wsss import preflight
+    from wsss.errors import ConfigError
+
+    problems = preflight.problems(params, root, (_FIRST_STAGES[command],))
+    if problems:
+        raise ConfigError(params_path, problems)
+    if command == "prepare":
+        for key, message in preflight.problems(params, root, (preflight.SWEEP, preflight.ABLATION)):
+            print(f"wsss prepare: warning: {params_path}: {key}: {message} (the main pipeline does not read it; "
+                  "the sweep or ablation pipeline will refuse it)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -447,7 +447,9 @@ class ComputeParams(_Group):
 
     launcher: str = "python"  # python | torchrun --standalone --nproc_per_node N (dvc.yaml: the stages' command)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # training forward passes; fp16 needs CUDA
+    # training forward passes: auto = bf16 where the device computes it natively, else fp32 (wsss.distributed.resolve_precision);
+    # fp16 needs CUDA
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batchnorm: Literal["local", "sync"] = "local"  # several processes: per-process statistics or SyncBatchNorm (CUDA)
     workers: int = Field(0, ge=0)  # loader processes that read images ahead in the inference stages (cams, evaluation)
     eval_batch_size: int = Field(16, ge=1)  # images per forward pass when a segmenter is scored (evaluate, oracle, cells)

@@ -42,7 +42,7 @@ PARAMS_SOURCE = "params.yaml"
 @dataclass(frozen=True)
 class Context:
     """Where this process stands: its rank among ``world_size`` processes, its device, and the
-    numeric settings of ``compute`` (precision, BatchNorm across processes)."""
+    numeric settings of ``compute`` (precision as resolved: never ``auto``; BatchNorm across processes)."""
 
     rank: int = 0
     world_size: int = 1
@@ -61,9 +61,9 @@ class Context:
         return self.world_size > 1
 
     def cpu_threads(self, requested: int = 0) -> int:
-        """torch threads for this process: ``requested``, else the machine's cores shared by the
-        processes on it."""
-        return requested or max(1, (os.cpu_count() or 1) // self.local_world_size)
+        """torch threads for this process: ``requested``, else the cores it may run on shared by the
+        processes on the machine."""
+        return requested or max(1, available_cpus() // self.local_world_size)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for a forward pass (``compute.precision``); fp32 changes nothing."""
@@ -80,6 +80,14 @@ class Context:
 _current: Context | None = None
 
 
+def available_cpus() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's share), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def select_device(requested: str, local_rank: int = 0) -> torch.device:
     """``auto``: CUDA when present (one GPU per local process), else the CPU; ``cpu``; ``cuda``."""
     if requested == "cuda" and not torch.cuda.is_available():
@@ -87,6 +95,59 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that keep the bf16 instructions; any other cap (AVX2, ...) rules them out
+_ONEDNN_BF16_ISAS = {"ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+                     "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2"}
+# the CPU flags (Linux /proc/cpuinfo; macOS sysctl) of native bf16 arithmetic: x86 and ARM
+_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16", "FEAT_BF16"}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags: Linux's ``flags`` (x86) or ``Features`` (ARM) line of /proc/cpuinfo,
+    macOS's ``hw.optional`` features that are on; empty where neither can be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() in ("flags", "Features"):
+                return set(value.split())
+    except OSError:
+        pass
+    try:
+        import subprocess
+
+        listing = subprocess.run(["sysctl", "hw.optional"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return {name.split(".")[-1] for name, _, value in (line.partition(":") for line in listing.splitlines()) if value.strip() == "1"}
+
+
+def cpu_has_native_bf16(flags: set[str] | None = None, capability: str | None = None,
+                        onednn_cap: str | None = None) -> bool:
+    """Whether this process computes bf16 natively on the CPU: the CPU has bf16 instructions
+    (``avx512_bf16`` / ``amx_bf16`` on x86, ``bf16`` on ARM) and neither the capability torch runs at
+    (``ATEN_CPU_CAPABILITY`` lowers it, e.g. to AVX2) nor ``ONEDNN_MAX_CPU_ISA`` rules them out. The
+    arguments default to this machine and process (they are parameters for the tests)."""
+    flags = cpu_flags() if flags is None else flags
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "") if onednn_cap is None else onednn_cap
+    if not flags & _BF16_CPU_FLAGS:
+        return False
+    if {"avx512_bf16", "amx_bf16"} & flags and not capability.upper().startswith("AVX512"):
+        return False  # x86 with its AVX-512 kernels switched off: bf16 is emulated, 15-25x slower than fp32
+    return not onednn_cap or onednn_cap.upper() in _ONEDNN_BF16_ISAS
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``compute.precision`` as the training loops use it: ``auto`` is bf16 where ``device`` computes it
+    natively (a CUDA device with bf16, a CPU with bf16 instructions, :func:`cpu_has_native_bf16`), else
+    fp32; an explicit value is kept."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -110,12 +171,13 @@ def init(compute=None) -> Context:
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
     device = select_device(device_name, local_rank)
+    precision = resolve_precision(precision, device)
     problems = []
     if device.type == "cuda" and local_world_size > torch.cuda.device_count():
         problems.append(("compute.launcher", f"{local_world_size} processes on this machine but {torch.cuda.device_count()} "
                                              "GPU(s): start at most one process per GPU"))
     if precision == "fp16" and device.type != "cuda":
-        problems.append(("compute.precision", "fp16 needs CUDA; on a CPU use bf16 or fp32"))
+        problems.append(("compute.precision", "fp16 needs CUDA; on a CPU use auto, bf16 or fp32"))
     if batchnorm == "sync" and world_size > 1 and device.type != "cuda":
         problems.append(("compute.batchnorm", "sync needs CUDA (torch's SyncBatchNorm); on CPUs use local"))
     if problems:

@@ -8,7 +8,6 @@ everything else as in the ``pseudo_masks`` stage. The cells that train on them:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ def run_ablation_masks(params: Params, root: Path, threshold: float, out_dir: Pa
     manifests = load_splits(root)
     hashes = tracking.input_hashes({"irnet": root / IRNET_PATH, "cams": root / CAMS_DIR, "splits": root / SPLITS_DIR})
     model = load_irnet(params, root / IRNET_PATH, root / CLASSIFIER_PATH, distributed.current().device)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(distributed.available_cpus())
     logged = {"ablation.threshold": threshold, **flatten(params.irnet.model_dump(), "irnet.")}
     with tracking.stage_run("ablation_masks", params.tracking.experiment, logged, root=root, hashes=hashes):
         with resumable_dir(root / out_dir, output_fingerprint(params, hashes)) as staging:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def run_person_classifier(params: Params, root: Path) -> dict:
         checkpoint.save(root / PERSON_MODEL, classifier_state(best["model"], config.arch, config.extra_convs, [person],
                                                               train.class_names, config.image_size))
         model, _ = load_trained_classifier(root / PERSON_MODEL)
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(distributed.available_cpus())
         probability: dict[str, dict[str, float]] = {}
         with atomic_dir(root / PERSON_CAMS) as staging:
             for split, manifest in manifests.items():

@@ -36,7 +36,6 @@ import contextlib
 import fcntl
 import io
 import itertools
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,8 +135,9 @@ def fixed_inputs(params: Params, root: Path) -> dict[str, Any]:
              "inputs": tracking.input_hashes(inputs), "code": provenance.code_digest(__name__)}
     if params.person.merge:
         fixed["person"] = params.person.model_dump(exclude={"epochs"})
-    if params.compute.precision != "fp32":  # fp32 studies keep the names they had before this setting
-        fixed["precision"] = params.compute.precision
+    precision = distributed.resolve_precision(params.compute.precision, distributed.select_device(params.compute.device))
+    if precision != "fp32":  # fp32 studies keep the names they had before this setting; auto is named as resolved
+        fixed["precision"] = precision
     if sweep.objective == "final":
         fixed["segmenter"] = {k: v for k, v in params.segmenter.model_dump().items() if k not in ("workers", "threads")}
     return fixed
@@ -572,7 +572,7 @@ def run_sweep(params: Params, root: Path, resume: bool = False, workers: int = 1
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, distributed.available_cpus() // workers)
         processes = [context.Process(target=_worker_entry, args=(str(params_path or root / "params.yaml"), str(root), study.study_name,
                                                                  url, parent_id, index, threads)) for index in range(workers)]
         for process in processes:

@@ -1,0 +1,176 @@
+"""The prepared GPU check: one command that, on a lent GPU machine, runs the CUDA tests, measures the
+paper networks' throughput and peak memory in fp32 and bf16, runs the paper profile's stages on a
+generated VOC-layout tree at the paper's sizes (each stage's time and peak GPU memory), and estimates
+the paper profile's hours on VOC and LID. Every table goes to ``--out`` (Markdown and JSON).
+
+    python benchmarks/gpu_check.py --out "$OUT"                     # on the GPU machine (~6 min on one H100)
+    python benchmarks/gpu_check.py --smoke --out /tmp/gpu-check     # the same code paths on a CPU (CI: tests/test_gpu_check.py)
+
+Parts (``--parts``, all by default): ``tests`` (pytest ``-m cuda``: they skip without CUDA),
+``throughput`` (``benchmarks/throughput.py``'s networks at the paper's sizes, batch ``--batch``),
+``repro`` (the shrunk-in-epochs paper profile, ``--images`` generated training images of about 375 x 500,
+each stage of ``dvc.yaml`` in its order, in this process: needs mlflow, dvc and pydensecrf2, else
+the part says what is missing; ``--wheels DIR`` installs them first from a carried folder of wheels,
+see ``benchmarks/README.md``). ``--smoke``: tiny sizes and counts, any device. A part that fails is
+reported in ``summary.md`` and the others still run; the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "src"), str(REPO / "benchmarks"), str(REPO / "tests")]  # runs without installing wsss
+REPRO_MODULES = ("mlflow", "dvc", "pydensecrf", "segmentation_models_pytorch", "albumentations", "optuna")
+REPRO_PACKAGES = ("mlflow==3.17.2", "dvc==3.67.1", "optuna==5.0.0", "albumentations==2.0.8",
+                  "segmentation-models-pytorch==0.6.0", "pydensecrf2==1.1")
+# the paper profile's stages that run here, in dvc.yaml's order (report writes text only)
+STAGES = ("prepare", "split", "train-classifier", "cams", "person-classifier", "ir-labels", "train-irnet", "pseudo-masks",
+          "train-segmenter", "oracle", "evaluate")
+
+
+def part_tests(out: Path, smoke: bool) -> dict:
+    """The tests marked cuda (tests/test_cuda.py); on a machine without CUDA they all skip."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", str(REPO / "tests/test_cuda.py")],
+                          cwd=REPO, capture_output=True, text=True)
+    (out / "tests.txt").write_text(done.stdout + done.stderr)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
+    return {"ok": done.returncode == 0, "summary": summary}
+
+
+def part_throughput(out: Path, smoke: bool, device, batch: int, steps: int) -> dict:
+    import torch
+    import throughput
+
+    sizes = throughput.SMOKE_SIZES if smoke else throughput.PAPER_SIZES
+    precisions = ["fp32", "bf16"]
+    results, text = {}, []
+    for precision in precisions:
+        if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            continue
+        measured = throughput.measure(device, precision, batch, steps, sizes)
+        results[precision] = {"measured": measured,
+                              "hours": throughput.estimated_hours({k: v["seconds"] for k, v in measured.items()})}
+        text += [f"### {precision}, training batch {batch}", "", throughput.tables(measured, sizes), ""]
+    (out / "throughput.json").write_text(json.dumps(results, indent=1))
+    (out / "throughput.md").write_text("\n".join(text))
+    return {"ok": True, "summary": ", ".join(f"{p}: {sum(r['hours']['VOC 2012 (train_aug)'].values()):.1f} h VOC, "
+                                                f"{sum(r['hours']['LID 2020 (balanced, paper)'].values()):.1f} h LID"
+                                                for p, r in results.items())}
+
+
+def _install_wheels(folder: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(folder), *REPRO_PACKAGES],
+                   check=True)
+
+
+def _repro_overrides(smoke: bool, weights: dict) -> dict:
+    overrides = {**weights, "data.source": "voc", "data.root": "data/voc", "classifier.epochs": 1, "person.epochs": 1,
+                 "irnet.epochs": 1, "segmenter.epochs": 1, "compute.precision": "auto"}
+    if not smoke:  # the paper's sizes and batches (profiles/paper.yaml), one epoch each
+        overrides.update({"classifier.image_size": 352, "classifier.batch_size": 40, "cams.batch_size": 16, "irnet.crop_size": 512,
+                          "irnet.batch_size": 32, "irnet.train_scales": [1.0, 0.5, 1.5, 2.0], "irnet.exp_times": 8,
+                          "segmenter.image_size": 352, "segmenter.batch_size": 12, "segmenter.decoder_channels": 256,
+                          "crf.workers": 0, "classifier.workers": 4, "irnet.workers": 4})
+    return overrides
+
+
+def part_repro(out: Path, smoke: bool, images: int, wheels: Path | None) -> dict:
+    if wheels is not None:
+        _install_wheels(wheels)
+    missing = [name for name in REPRO_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        return {"ok": False, "summary": f"not run: {', '.join(missing)} not installed (carry wheels, --wheels DIR)"}
+    import torch
+    import yaml
+    from paper_project import paper_document, write_voc_tree, write_weights
+
+    from wsss.cli import main as wsss
+
+    cuda = torch.cuda.is_available()
+    scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    try:
+        root = scratch / "project"  # the stages run in this process: the project needs its params and data only
+        root.mkdir()
+        shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+        size = (40, 48) if smoke else (375, 500)
+        write_voc_tree(root / "data/voc", train=images, val=max(8, images // 4), size=size)
+        weights = write_weights(scratch / "weights")
+        document = paper_document(_repro_overrides(smoke, weights))
+        (root / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
+        rows = []
+        for stage in STAGES:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            status = wsss([stage, "--root", str(root)])
+            seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+            rows.append({"stage": stage, "seconds": seconds, "peak_mib": peak, "exit": status})
+            if status != 0:
+                break
+        summary = json.loads((root / "metrics/evaluate.json").read_text()) if (root / "metrics/evaluate.json").is_file() else {}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    lines = [f"paper profile, one epoch per training stage, {images} training images of ~{size[0]} x {size[1]}",
+             "", "| stage | seconds | peak GPU MiB | exit |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['stage']} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['exit']} |" if r["peak_mib"] is not None
+              else f"| {r['stage']} | {r['seconds']:.1f} | n/a | {r['exit']} |" for r in rows]
+    (out / "repro.md").write_text("\n".join(lines) + "\n")
+    (out / "repro.json").write_text(json.dumps({"stages": rows, "evaluate": summary}, indent=1))
+    ok = len(rows) == len(STAGES) and all(r["exit"] == 0 for r in rows)
+    return {"ok": ok, "summary": f"{len(rows)} stages, {sum(r['seconds'] for r in rows):.0f} s" + ("" if ok else f", stopped at {rows[-1]['stage']}")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: the code paths on any machine in a minute or two")
+    parser.add_argument("--parts", default="tests,throughput,repro")
+    parser.add_argument("--batch", type=int, default=None, help="throughput training batch (default 8 on CUDA, 2 on a CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per figure (default 5, 1 with --smoke)")
+    parser.add_argument("--images", type=int, default=None, help="repro: training images (default 300, 8 with --smoke)")
+    parser.add_argument("--wheels", type=Path, default=None, help="repro: install mlflow, dvc, ... from this folder of wheels first")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    batch = args.batch or (8 if device.type == "cuda" else 2)
+    steps = args.steps or (1 if args.smoke else 5)
+    images = args.images or (8 if args.smoke else 300)
+    parts = {"tests": lambda: part_tests(args.out, args.smoke),
+             "throughput": lambda: part_throughput(args.out, args.smoke, device, batch, steps),
+             "repro": lambda: part_repro(args.out, args.smoke, images, args.wheels)}
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({torch.backends.cpu.get_cpu_capability()})"
+    lines = [f"# GPU check{' (smoke)' if args.smoke else ''}: {device_name}, torch {torch.__version__}", "",
+             "| part | ok | seconds | result |", "|---|---|---:|---|"]
+    failed = False
+    for name in args.parts.split(","):
+        start = time.perf_counter()
+        try:
+            result = parts[name]()
+        except Exception:  # noqa: BLE001 - one part's failure is reported, the other parts still run
+            (args.out / f"{name}.error.txt").write_text(traceback.format_exc())
+            result = {"ok": False, "summary": f"raised: see {name}.error.txt"}
+        failed |= not result["ok"] and not result["summary"].startswith("not run")
+        lines.append(f"| {name} | {'yes' if result['ok'] else 'no'} | {time.perf_counter() - start:.0f} | {result['summary']} |")
+        print(lines[-1], flush=True)
+    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
+    print(f"tables in {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
