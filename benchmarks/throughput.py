@@ -73,7 +73,7 @@ def training_step(model: torch.nn.Module, loss_of, autocast):
 
 
 PAPER_SIZES = {"classifier": 352, "irnet_crop": 512, "segmenter": 352, "image": VOC_SIZE}
-SMOKE_SIZES = {"classifier": 32, "irnet_crop": 32, "segmenter": 32, "image": (40, 48)}  # the code path on a CPU in seconds
+SMOKE_SIZES = {"classifier": 16, "irnet_crop": 16, "segmenter": 16, "image": (24, 32)}  # the code paths on a CPU in seconds
 WHAT = {"train_classifier": "training step, {classifier} px", "cams": "CAMs, 4 scales x flip, {h} x {w}",
         "train_irnet": "training step, {irnet_crop} px crop", "pseudo_masks": "boundary map x flip + walk, {h} x {w}",
         "train_segmenter": "training step, {segmenter} px", "evaluate": "TTA 0.5 1 2 x flip, {h} x {w}"}
