@@ -10,8 +10,8 @@ Parts (``--parts``, all by default): ``tests`` (pytest ``-m cuda``: they skip wi
 ``throughput`` (``benchmarks/throughput.py``'s networks at the paper's sizes, batch ``--batch``),
 ``repro`` (the shrunk-in-epochs paper profile, ``--images`` generated training images of about 375 x 500,
 each stage of ``dvc.yaml`` in its order, in this process: needs mlflow, dvc and pydensecrf2, else
-the part says what is missing; ``--wheels DIR`` installs them first from a carried folder of wheels,
-see ``benchmarks/README.md``). ``--smoke``: tiny sizes and counts, any device. A part that fails is
+the part says what is missing). ``--wheels DIR`` first installs every wheel of a carried folder
+(``benchmarks/gpu_wheels.py``; see ``benchmarks/README.md``). ``--smoke``: tiny sizes and counts, any device. A part that fails is
 reported in ``summary.md`` and the others still run; the exit status is 1 if any failed.
 """
 
@@ -32,8 +32,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "benchmarks"), str(REPO / "tests")]  # runs without installing wsss
 REPRO_MODULES = ("mlflow", "dvc", "pydensecrf", "segmentation_models_pytorch", "albumentations", "optuna")
-REPRO_PACKAGES = ("mlflow==3.17.2", "dvc==3.67.1", "optuna==5.0.0", "albumentations==2.0.8",
-                  "segmentation-models-pytorch==0.6.0", "pydensecrf2==1.1")
 # the paper profile's stages that run here, in dvc.yaml's order (report writes text only)
 STAGES = ("prepare", "split", "train-classifier", "cams", "person-classifier", "ir-labels", "train-irnet", "pseudo-masks",
           "train-segmenter", "oracle", "evaluate")
@@ -42,14 +40,14 @@ STAGES = ("prepare", "split", "train-classifier", "cams", "person-classifier", "
 def part_tests(out: Path, smoke: bool) -> dict:
     """The tests marked cuda (tests/test_cuda.py); on a machine without CUDA they all skip."""
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", str(REPO / "tests/test_cuda.py")],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))})
     (out / "tests.txt").write_text(done.stdout + done.stderr)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
     return {"ok": done.returncode == 0, "summary": summary}
 
 
 def part_throughput(out: Path, smoke: bool, device, batch: int, steps: int) -> dict:
-    import torch
     import throughput
 
     sizes = throughput.SMOKE_SIZES if smoke else throughput.PAPER_SIZES
@@ -71,9 +69,11 @@ def part_throughput(out: Path, smoke: bool, device, batch: int, steps: int) -> d
                                                 for p, r in results.items())}
 
 
-def _install_wheels(folder: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(folder), *REPRO_PACKAGES],
-                   check=True)
+def install_wheels(folder: Path) -> None:
+    """Every wheel of ``folder`` (benchmarks/gpu_wheels.py), without an index or their dependencies."""
+    wheels = sorted(str(path) for path in folder.glob("*.whl"))
+    if wheels:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *wheels], check=True)
 
 
 def _repro_overrides(smoke: bool, weights: dict) -> dict:
@@ -89,9 +89,7 @@ def _repro_overrides(smoke: bool, weights: dict) -> dict:
     return overrides
 
 
-def part_repro(out: Path, smoke: bool, images: int, wheels: Path | None) -> dict:
-    if wheels is not None:
-        _install_wheels(wheels)
+def part_repro(out: Path, smoke: bool, images: int) -> dict:
     missing = [name for name in REPRO_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         return {"ok": False, "summary": f"not run: {', '.join(missing)} not installed (carry wheels, --wheels DIR)"}
@@ -145,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="throughput training batch (default 8 on CUDA, 2 on a CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per figure (default 5, 1 with --smoke)")
     parser.add_argument("--images", type=int, default=None, help="repro: training images (default 300, 6 with --smoke)")
-    parser.add_argument("--wheels", type=Path, default=None, help="repro: install mlflow, dvc, ... from this folder of wheels first")
+    parser.add_argument("--wheels", type=Path, default=None, help="install every wheel of this folder first (benchmarks/gpu_wheels.py)")
     args = parser.parse_args(argv)
+    if args.wheels is not None:  # before the first import of what they hold
+        install_wheels(args.wheels)
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     images = args.images or (6 if args.smoke else 300)
     parts = {"tests": lambda: part_tests(args.out, args.smoke),
              "throughput": lambda: part_throughput(args.out, args.smoke, device, batch, steps),
-             "repro": lambda: part_repro(args.out, args.smoke, images, args.wheels)}
+             "repro": lambda: part_repro(args.out, args.smoke, images)}
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({torch.backends.cpu.get_cpu_capability()})"
     lines = [f"# GPU check{' (smoke)' if args.smoke else ''}: {device_name}, torch {torch.__version__}", "",
              "| part | ok | seconds | result |", "|---|---|---:|---|"]

@@ -36,8 +36,8 @@ PARALLEL = {**STEP3, "compute.precision": "fp32", "classifier.epochs": 3, "class
 # outputs (each image is computed alone: same bytes), a resumed run's end (same arithmetic as the uninterrupted one).
 # What they share only approximately, and the margins:
 # - IRNet (GroupNorm, no dropout): the same loss but for the order in which the all-reduce sums the two halves'
-#   gradients (fp32 rounding, ~1e-7 a step); over the test's few steps it stayed below 1e-4 on an AVX-512 and an
-#   AVX2 CPU, so rel 1e-4 catches any change of the batches or the loss's mean.
+#   gradients (fp32 rounding: 1e-7 on this test's data, 4e-4 after a whole epoch of the default, benchmarks/README.md
+#   "Several processes"), so rel 1e-4 catches any change of the batches or the loss's mean.
 # - The classifier and DeepLabv3+: BatchNorm normalises each process's half batch by its own statistics (gloo has no
 #   SyncBatchNorm) and each process draws its own dropout masks: the same method on the same batches, not the same
 #   arithmetic, and the curves part as two seeds do from the first step on (segmenter epoch-2 loss within 3 % on an

@@ -76,12 +76,9 @@ def test_the_default_breaks_no_preflight_rule(project):
 
 
 def _first_stage_argv(pipeline: str, project) -> list[str]:
-    if pipeline == preflight.MAIN:
-        return ["prepare", "--root", str(project)]
-    if pipeline == preflight.SWEEP:
-        return ["sweep", "--root", str(project)]
-    return ["ablation-masks", "--root", str(project), "--threshold", "1.2", "--out", "ablation/masks/x",
-            "--metrics", "metrics/ablation/x.json"]
+    command = next(command for command, started in preflight.FIRST_STAGES.items() if started == pipeline)
+    options = {"ablation-masks": ["--threshold", "1.2", "--out", "ablation/masks/x", "--metrics", "metrics/ablation/x.json"]}
+    return [command, "--root", str(project), *options.get(command, [])]
 
 
 @pytest.mark.parametrize("rule", preflight.RULES, ids=[rule.name for rule in preflight.RULES])

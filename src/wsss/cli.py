@@ -137,24 +137,21 @@ def _run(args: argparse.Namespace) -> None:
         distributed.shutdown()
 
 
-# the first stage of each pipeline, and the rules (wsss.preflight) it refuses before any work
-_FIRST_STAGES = {"prepare": "main", "sweep": "sweep", "ablation-masks": "ablation"}
-
-
 def _refuse_at_start(command: str, params, root: Path, params_path: Path) -> None:
     """The first stage of a pipeline refuses every setting that one of its later stages would refuse;
     ``prepare`` also prints (without refusing) what the sweep's and the ablation's first stages will refuse."""
-    if command not in _FIRST_STAGES:
-        return
     from wsss import preflight
     from wsss.errors import ConfigError
 
-    problems = preflight.problems(params, root, (_FIRST_STAGES[command],))
+    pipeline = preflight.FIRST_STAGES.get(command)
+    if pipeline is None:
+        return
+    problems = preflight.problems(params, root, (pipeline,))
     if problems:
         raise ConfigError(params_path, problems)
-    if command == "prepare":
+    if pipeline == preflight.MAIN:
         for key, message in preflight.problems(params, root, (preflight.SWEEP, preflight.ABLATION)):
-            print(f"wsss prepare: warning: {params_path}: {key}: {message} (the main pipeline does not read it; "
+            print(f"wsss {command}: warning: {params_path}: {key}: {message} (the main pipeline does not read it; "
                   "the sweep or ablation pipeline will refuse it)", file=sys.stderr)
 
 

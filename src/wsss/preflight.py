@@ -20,6 +20,7 @@ from typing import Any
 from wsss.config import Params, sweep_space_problems
 
 MAIN, SWEEP, ABLATION = "main", "sweep", "ablation"
+FIRST_STAGES = {"prepare": MAIN, "sweep": SWEEP, "ablation-masks": ABLATION}  # command -> the pipeline it starts
 _NPROC = re.compile(r"--nproc[_-]per[_-]node[ =](\d+)")
 # the global batches that torchrun's processes share (wsss.distributed.check_batch_sizes at each stage's start)
 _BATCH_KEYS = ("classifier.batch_size", "irnet.batch_size", "segmenter.batch_size")
@@ -111,7 +112,15 @@ def launcher_processes(launcher: str) -> int:
 
 
 def _sweep_space(params: Params, root: Path) -> list[tuple[str, str]]:
+    if params.sweep is None:
+        return [("sweep", "required key is missing (the sweep group: pipelines/sweep/dvc.yaml reads it)")]
     return sweep_space_problems(params)
+
+
+def _ablation_group(params: Params, root: Path) -> list[tuple[str, str]]:
+    if params.ablation is None:
+        return [("ablation", "required key is missing (the grid's encoders and thresholds: pipelines/ablation/dvc.yaml reads them)")]
+    return []
 
 
 def _ablation_person(params: Params, root: Path) -> list[tuple[str, str]]:
@@ -151,6 +160,7 @@ RULES: tuple[Rule, ...] = (
     Rule("weight files exist", MAIN, _weight_files, {"classifier.weights": "weights/missing.pt"}),
     Rule("device, precision and processes fit the machine", MAIN, _device, {"compute.precision": "fp16", "compute.device": "cpu"}),
     Rule("searched keys have an effect", SWEEP, _sweep_space, {"irnet.background": "plane"}),
+    Rule("the ablation has its grid", ABLATION, _ablation_group, {"ablation": None}),
     Rule("ablation person cells need a person class", ABLATION, _ablation_person,
          {"data.source": "voc", "data.person_class": None, "data.person_label_drop": 0.0, "ablation.person": [False, True]}),
     Rule("ablation thresholds are background planes", ABLATION, _ablation_thresholds,
