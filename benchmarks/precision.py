@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss.affinity import half_plane_offsets
+from wsss.distributed import cpu_flags
 from wsss.irnet import irnet_losses
 from wsss.models.classifier import build_classifier
 from wsss.models.irnet import IRNet, classifier_stages
@@ -29,12 +30,7 @@ from wsss.models.segmenter import SegmenterSpec, build_segmenter
 
 
 def _cpu_bf16_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        return "unknown"
-    found = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+    found = sorted({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
     return ", ".join(found) or "none"
 
 
