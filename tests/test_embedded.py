@@ -19,12 +19,14 @@ def pools():
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, project):
+    """data.seed makes the dataset; the training seed leaves it alone (seed runs share prepare and split)."""
     params = make_params()
     source = project / "data/sources/fashion-mnist"
     prepare_dataset(params, source, tmp_path / "a")
     prepare_dataset(params, source, tmp_path / "b")
-    prepare_dataset(make_params({"seed": params.seed + 1}), source, tmp_path / "c")
-    assert content_hash(tmp_path / "a") == content_hash(tmp_path / "b")
+    prepare_dataset(make_params({"data.seed": params.data.seed + 1}), source, tmp_path / "c")
+    prepare_dataset(make_params({"seed": params.seed + 1}), source, tmp_path / "d")
+    assert content_hash(tmp_path / "a") == content_hash(tmp_path / "b") == content_hash(tmp_path / "d")
     assert content_hash(tmp_path / "a") != content_hash(tmp_path / "c")
 
 

@@ -157,6 +157,7 @@ class BalanceParams(_Group):
 class DataParams(_Group):
     source: Literal["embedded", "voc", "lid"]
     root: str
+    seed: int = Field(2020, ge=0)  # the dataset's: embedded images, person-label drop, balance, val/test split
     person_class: str | None  # the class whose labels are unreliable (LID's person); null: no person handling
     person_label_drop: float = Field(ge=0.0, le=1.0)
     drop_person_labels: bool = True

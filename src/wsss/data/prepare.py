@@ -77,7 +77,7 @@ def _prepare_embedded(params: Params, root: Path, staging: Path) -> tuple[tuple[
     class_names = ("background", *spec.classes)
     records = []
     for subset, count in (("train", spec.num_train), ("heldout", spec.num_heldout)):
-        composites = embedded.generate(spec, pools, subset, count, params.seed, params.data.person_class)
+        composites = embedded.generate(spec, pools, subset, count, params.data.seed, params.data.person_class)
         for index, composite in enumerate(tqdm(composites, total=count, desc=f"prepare {subset}", unit="img")):
             image_id = f"{subset}_{index:05d}"
             write_image_png(staging / "images" / f"{image_id}.png", composite.image)
@@ -141,6 +141,6 @@ def prepare_dataset(params: Params, root: Path, out_dir: Path, workers: int | No
             images_root = final_root = root
         person = _person_id(class_names, data)
         if person is not None:
-            records = drop_person_labels_randomly(records, person, data.person_label_drop, params.seed)
+            records = drop_person_labels_randomly(records, person, data.person_label_drop, data.seed)
         save_manifest(Manifest(data.source, class_names, person, tuple(records), images_root), staging / MANIFEST_NAME)
     return Manifest(data.source, class_names, person, tuple(records), final_root)

@@ -96,13 +96,13 @@ def split_records(manifest: Manifest, params: Params) -> SplitResult:
     labelled = [r for r in train_pool if r.labels]
     counts_before = class_counts(labelled, manifest.num_classes)
     cap = balance_cap(counts_before, data.balance)
-    train = balance(labelled, cap, manifest.num_classes, params.seed)
+    train = balance(labelled, cap, manifest.num_classes, params.data.seed)
 
     heldout = [
         replace(r, labels=r.mask_labels, source_labels=r.mask_labels) if r.mask_labels else r
         for r in manifest.subset("heldout")
     ]
-    order = np.random.default_rng([params.seed, _HELDOUT_STREAM]).permutation(len(heldout))
+    order = np.random.default_rng([params.data.seed, _HELDOUT_STREAM]).permutation(len(heldout))
     num_test = min(len(heldout) - 1, max(1, round(data.test_fraction * len(heldout))))
     test_positions = set(order[:num_test].tolist())
     val = [replace(r, subset="val") for i, r in enumerate(heldout) if i not in test_positions]

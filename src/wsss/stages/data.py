@@ -27,7 +27,7 @@ CLASS_HISTOGRAM = Path("plots/data/class_histogram.csv")
 
 def _prepare_params(params: Params) -> dict:
     data = params.data
-    group = {"seed": params.seed, "data.source": data.source, "data.root": data.root,
+    group = {"data.seed": data.seed, "data.source": data.source, "data.root": data.root,
              "data.person_class": data.person_class, "data.person_label_drop": data.person_label_drop}
     source_group = {"embedded": data.embedded, "voc": data.voc, "lid": data.lid}[data.source]
     group.update(flatten(source_group.model_dump(), f"data.{data.source}."))
@@ -36,7 +36,7 @@ def _prepare_params(params: Params) -> dict:
 
 def _split_params(params: Params) -> dict:
     data = params.data
-    return {"seed": params.seed, "data.drop_person_labels": data.drop_person_labels,
+    return {"data.seed": data.seed, "data.drop_person_labels": data.drop_person_labels,
             "data.test_fraction": data.test_fraction, **flatten(data.balance.model_dump(), "data.balance.")}
 
 

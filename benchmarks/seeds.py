@@ -1,0 +1,273 @@
+"""The default pipeline under whole-pipeline seeds: Table 2 (predicted labels), the share of the upper
+bound and the person merge's gain, per seed and as mean +/- standard deviation.
+
+``seed`` drives every training step (classifier, person classifier, IRNet, segmenter, upper bound);
+``data.seed`` fixes the dataset, so the seeds share ``prepare`` and ``split``. Each seed runs
+``dvc repro`` in a scratch clone of this repository's committed ``HEAD`` (this checkout's virtual
+environment, the clone's ``src`` first on ``PYTHONPATH``, its own MLflow store); the clones after the
+first take ``data/prepared`` and ``data/splits`` from the first and record them with ``dvc commit``
+instead of re-running the two stages. A seed whose clone already holds a result is not run again, so a
+killed benchmark continues where it stopped. ``--workspace`` counts this checkout's own run as the seed
+of its ``params.yaml`` (when ``dvc status`` finds it up to date at ``HEAD``).
+
+    python benchmarks/seeds.py [--seeds 2020 2021 2022] [--set compute.precision=fp32] [--work DIR] [--workspace]
+    python benchmarks/seeds.py --table-only --work DIR      # print the table of the seeds already run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_STAGES = ("prepare", "split")
+SHARED_OUTPUTS = ("data/prepared", "data/splits")
+RESULT = "seed-result.json"
+
+# (key, column title, format); the first block is the issue's table, the second the diagnostics.
+COLUMNS = (
+    ("val_cam_crf", "val CAM + CRF", "pct"),
+    ("val_pseudo_masks", "val pseudo masks", "pct"),
+    ("val_segmentation_tta", "val seg. + TTA", "pct"),
+    ("ordering", "ordering", "bool"),
+    ("test_tta_crf", "test TTA + CRF", "pct"),
+    ("upper_tta_crf", "upper bound TTA + CRF", "pct"),
+    ("share_tta_crf", "share (TTA + CRF)", "pct"),
+    ("share_tta", "share (TTA)", "pct"),
+    ("merge_gain_predicted", "merge gain, predicted", "pts"),
+    ("merge_gain_image_labels", "merge gain, image labels", "pts"),
+)
+DIAGNOSTICS = (
+    ("classifier_macro_f1", "classifier macro-F1", "pct"),
+    ("person_best_epoch", "person best epoch", "int"),
+    ("person_f1", "person F1 (val)", "pct"),
+    ("irnet_images", "IRNet images", "int"),
+    ("val_pseudo_masks_image_labels", "val pseudo masks, image labels", "pct"),
+    ("val_before_merge_image_labels", "... before the merge", "pct"),
+    ("segmenter_best_epoch", "segmenter best epoch", "int"),
+    ("minutes", "minutes", "float"),
+)
+
+
+def seed_row(metrics: dict[str, dict]) -> dict[str, float]:
+    """One seed's numbers from its stage metrics (``{stage: metrics JSON}``, as ``metrics/*.json`` hold them)."""
+    summary, evaluate, oracle, masks = metrics["summary"], metrics["evaluate"], metrics["oracle"], metrics["pseudo_masks"]
+    predicted, labelled = masks["val_predicted"], masks["val"]
+    return {
+        "val_cam_crf": summary["val_cam_crf_miou"],
+        "val_pseudo_masks": summary["val_pseudo_masks_miou"],
+        "val_segmentation_tta": summary["val_segmentation_tta_miou"],
+        "ordering": bool(summary["table2_ordering_holds"]),
+        "test_tta_crf": evaluate["test"]["tta_crf"]["miou"],
+        "upper_tta_crf": oracle["test"]["tta_crf"]["miou"],
+        "share_tta_crf": evaluate["test"]["tta_crf"]["miou"] / oracle["test"]["tta_crf"]["miou"],
+        "share_tta": evaluate["test"]["tta"]["miou"] / oracle["test"]["tta"]["miou"],
+        "merge_gain_predicted": predicted["miou"] - predicted["before_person_merge_miou"],
+        "merge_gain_image_labels": labelled["miou"] - labelled["before_person_merge_miou"],
+        "classifier_macro_f1": metrics["classifier"]["val_macro_f1"],
+        "person_best_epoch": metrics["person_classifier"]["best_epoch"],
+        "person_f1": metrics["person_classifier"]["val"]["f1"],
+        "irnet_images": metrics["irnet"]["images"],
+        "val_pseudo_masks_image_labels": labelled["miou"],
+        "val_before_merge_image_labels": labelled["before_person_merge_miou"],
+        "segmenter_best_epoch": metrics["segmenter"]["best_epoch"],
+    }
+
+
+def aggregate(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean, sample standard deviation (0 for one seed), minimum and maximum of every numeric column."""
+    out = {}
+    for key in rows[0]:
+        values = [float(row[key]) for row in rows]
+        out[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "min": min(values), "max": max(values)}
+    return out
+
+
+def targets(rows: list[dict[str, float]], share_mean: float = 0.85, share_floor: float = 0.80) -> dict[str, bool]:
+    """The issue's targets: the ordering in every seed, the TTA + CRF share's mean and its worst seed."""
+    shares = [row["share_tta_crf"] for row in rows]
+    return {"ordering in every seed": all(row["ordering"] for row in rows),
+            f"mean share >= {share_mean:.0%}": statistics.fmean(shares) >= share_mean,
+            f"no seed below {share_floor:.0%}": min(shares) >= share_floor}
+
+
+def _cell(value: float, kind: str) -> str:
+    if kind == "pct":
+        return f"{100 * value:.1f}"
+    if kind == "pts":
+        return f"{100 * value:+.1f}"
+    if kind == "bool":
+        return "yes" if value else "NO"
+    if kind == "int":
+        return f"{value:.0f}"
+    return f"{value:.1f}"
+
+
+def _spread(stats: dict[str, float], kind: str) -> str:
+    if kind == "bool":
+        return f"{stats['mean']:.0%} of seeds"
+    scale = 100 if kind in ("pct", "pts") else 1
+    return f"{scale * stats['mean']:.1f} +/- {scale * stats['std']:.1f}"
+
+
+def markdown(seeds: list[int], rows: list[dict[str, float]], columns=COLUMNS) -> str:
+    """A table with one column per seed, then mean +/- std and the worst seed (mIoU in %, gains in points)."""
+    head = "| " + " | ".join(["", *(f"seed {s}" for s in seeds), "mean +/- std", "min"]) + " |"
+    lines = [head, "|---" + "|---:" * (len(seeds) + 2) + "|"]
+    stats = aggregate(rows)
+    for key, title, kind in columns:
+        cells = [_cell(row[key], kind) for row in rows]
+        worst = "" if kind == "bool" else _cell(stats[key]["min"], kind)
+        lines.append(f"| {title} | " + " | ".join([*cells, _spread(stats[key], kind), worst]) + " |")
+    return "\n".join(lines)
+
+
+def read_project_metrics(project: Path) -> dict[str, dict]:
+    names = ("summary", "evaluate", "oracle", "pseudo_masks", "classifier", "person_classifier", "irnet", "segmenter")
+    return {name: json.loads((project / "metrics" / f"{name}.json").read_text()) for name in names}
+
+
+def set_params(params_file: Path, overrides: dict[str, object]) -> dict:
+    document = yaml.safe_load(params_file.read_text())
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = document
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    params_file.write_text(yaml.safe_dump(document, sort_keys=False))
+    return document
+
+
+def _environment(clone: Path) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(clone / "src"), "MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlruns' / 'mlflow.db'}"}
+    env.pop("CI", None)
+    return env
+
+
+def _resolved_precision(clone: Path, env: dict[str, str]) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`wsss.stage` = 'train_classifier'")
+    return str(runs["tags.wsss.precision"].iloc[0]) if len(runs) else "unknown"
+
+
+def run_seed(seed: int, work: Path, overrides: dict[str, object], shared_from: Path | None, log) -> dict:
+    """``dvc repro`` of ``HEAD`` with ``seed`` in ``work/seed-N`` (resumed: a killed repro re-runs from its
+    checkpoints); returns and stores the seed's result."""
+    clone = work / f"seed-{seed}"
+    if not (clone / ".git").exists():
+        shutil.rmtree(clone, ignore_errors=True)
+        subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    set_params(clone / "params.yaml", {**overrides, "seed": seed})
+    env = _environment(clone)
+    if shared_from is not None and not (clone / SHARED_OUTPUTS[-1]).exists():
+        for path in SHARED_OUTPUTS:
+            shutil.copytree(shared_from / path, clone / path)
+        subprocess.run(["dvc", "commit", "--force", "--quiet", *SHARED_STAGES], cwd=clone, env=env, check=True)
+    log(f"seed {seed}: dvc repro in {clone}")
+    start = time.perf_counter()
+    with open(clone / "repro.log", "a") as out:
+        subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
+    row = seed_row(read_project_metrics(clone))
+    row["minutes"] = (time.perf_counter() - start) / 60
+    result = {"seed": seed, "commit": _head(clone), "overrides": overrides, "precision": _resolved_precision(clone, env), "row": row}
+    (clone / RESULT).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def workspace_result(overrides: dict[str, object]) -> dict:
+    """This checkout's own run as one seed: only when it is committed, unmodified and up to date."""
+    if overrides:
+        raise SystemExit("--workspace: the workspace runs its own params.yaml; give no --set")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout
+    status = subprocess.run(["dvc", "status", "--quiet"], cwd=REPO, env=_environment(REPO))
+    if dirty.strip() or status.returncode != 0:
+        raise SystemExit("--workspace: the checkout has uncommitted changes or `dvc status` finds stale stages; run `dvc repro` and commit first")
+    seed = yaml.safe_load((REPO / "params.yaml").read_text())["seed"]
+    row = seed_row(read_project_metrics(REPO))
+    row["minutes"] = float("nan")
+    return {"seed": seed, "commit": _head(REPO), "overrides": {}, "precision": _resolved_precision(REPO, _environment(REPO)), "row": row}
+
+
+def _head(project: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected KEY=VALUE")
+    if key == "seed" or key.startswith("data."):
+        raise argparse.ArgumentTypeError(f"--set {key}: the seeds vary `seed` and share the dataset; data.* stays as in params.yaml")
+    return key, yaml.safe_load(value)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2020, 2021, 2022])
+    parser.add_argument("--set", dest="overrides", type=_parse_override, action="append", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml key for every seed, e.g. compute.precision=fp32")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/wsss-seeds"), help="scratch clones, one per seed (kept: a re-run resumes)")
+    parser.add_argument("--workspace", action="store_true", help="count this checkout's own up-to-date run as its seed")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the seeds that have a result; run nothing")
+    args = parser.parse_args()
+    overrides = dict(args.overrides)
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+
+    results = [workspace_result(overrides)] if args.workspace else []
+    shared_from = REPO if args.workspace else None
+    for seed in args.seeds:
+        stored = work / f"seed-{seed}" / RESULT
+        if any(r["seed"] == seed for r in results):
+            continue
+        if stored.exists():
+            result = json.loads(stored.read_text())
+        elif args.table_only:
+            continue
+        else:
+            result = run_seed(seed, work, overrides, shared_from, log)
+        if shared_from is None and (work / f"seed-{seed}" / SHARED_OUTPUTS[-1]).exists():
+            shared_from = work / f"seed-{seed}"
+        results.append(result)
+    if not results:
+        raise SystemExit(f"no seed has a result under {work}")
+    rows, seeds = [r["row"] for r in results], [r["seed"] for r in results]
+    precisions = sorted({r["precision"] for r in results})
+    commits = sorted({r["commit"] for r in results})
+    print(f"{len(seeds)} seeds, commit {', '.join(commits)}, precision {', '.join(precisions)}, {cpu_name()}, "
+          f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
+          + (f", overrides {overrides}" if overrides else ""))
+    print()
+    print(markdown(seeds, rows))
+    print()
+    print(markdown(seeds, rows, DIAGNOSTICS))
+    print()
+    for name, met in targets(rows).items():
+        print(f"- {name}: {'met' if met else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
