@@ -8,8 +8,9 @@ the paper profile's hours on VOC and LID. Every table goes to ``--out`` (Markdow
 
 Parts (``--parts``, all by default): ``tests`` (pytest ``-m cuda``: they skip without CUDA),
 ``throughput`` (``benchmarks/throughput.py``'s networks at the paper's sizes, batch ``--batch``),
-``repro`` (the shrunk-in-epochs paper profile, ``--images`` generated training images of about 375 x 500,
-each stage of ``dvc.yaml`` in its order, in this process: needs mlflow, dvc and pydensecrf2, else
+``repro`` (the shrunk-in-epochs paper profile, ``--images`` generated training images of about 375 x 500
+(``--source lid``: a LID-layout tree of ~48 x 40 images, masks for val only), each stage of ``dvc.yaml`` in its order,
+in this process, in ``--project`` if given (kept): needs mlflow, dvc and pydensecrf2, else
 the part says what is missing). ``--wheels DIR`` first installs every wheel of a carried folder
 (``benchmarks/gpu_wheels.py``; see ``benchmarks/README.md``). ``--smoke``: tiny sizes and counts, any device. A part that fails is
 reported in ``summary.md`` and the others still run; the exit status is 1 if any failed.
@@ -32,9 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "benchmarks"), str(REPO / "tests")]  # runs without installing wsss
 REPRO_MODULES = ("mlflow", "dvc", "pydensecrf", "segmentation_models_pytorch", "albumentations", "optuna")
-# the paper profile's stages that run here, in dvc.yaml's order (report writes text only)
+# the paper profile's stages, in dvc.yaml's order
 STAGES = ("prepare", "split", "train-classifier", "cams", "person-classifier", "ir-labels", "train-irnet", "pseudo-masks",
-          "train-segmenter", "oracle", "evaluate")
+          "train-segmenter", "oracle", "evaluate", "report")
 
 
 def part_tests(out: Path, smoke: bool) -> dict:
@@ -76,8 +77,8 @@ def install_wheels(folder: Path) -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *wheels], check=True)
 
 
-def _repro_overrides(smoke: bool, weights: dict) -> dict:
-    overrides = {**weights, "data.source": "voc", "data.root": "data/voc", "classifier.epochs": 1, "person.epochs": 1,
+def _repro_overrides(smoke: bool, weights: dict, source: str = "voc") -> dict:
+    overrides = {**weights, "data.source": source, "data.root": f"data/{source}", "classifier.epochs": 1, "person.epochs": 1,
                  "irnet.epochs": 1, "segmenter.epochs": 1, "compute.precision": "auto"}
     if smoke:  # the code paths in under a minute on one core: no loader or CRF processes
         overrides.update({"compute.workers": 0, "crf.workers": 1})
@@ -89,26 +90,30 @@ def _repro_overrides(smoke: bool, weights: dict) -> dict:
     return overrides
 
 
-def part_repro(out: Path, smoke: bool, images: int) -> dict:
+def part_repro(out: Path, smoke: bool, images: int, source: str = "voc", project: Path | None = None) -> dict:
+    """The stages on a generated ``source`` tree in ``project`` (kept; default a temporary folder, removed)."""
     missing = [name for name in REPRO_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         return {"ok": False, "summary": f"not run: {', '.join(missing)} not installed (carry wheels, --wheels DIR)"}
     import torch
     import yaml
-    from paper_project import paper_document, write_voc_tree, write_weights
+    from paper_project import paper_document, write_lid_tree, write_voc_tree, write_weights
 
     from wsss.cli import main as wsss
 
     cuda = torch.cuda.is_available()
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     try:
-        root = scratch / "project"  # the stages run in this process: the project needs its params and data only
-        root.mkdir()
+        root = project or scratch / "project"  # the stages run in this process: the project needs its params and data only
+        root.mkdir(parents=True)
         shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-        size = (40, 48) if smoke else (375, 500)
-        write_voc_tree(root / "data/voc", train=images, val=max(8, images // 4), size=size)
+        size = (40, 48) if smoke or source == "lid" else (375, 500)
+        if source == "voc":
+            write_voc_tree(root / "data/voc", train=images, val=max(8, images // 4), size=size)
+        else:  # images of ~48 x 40: LID's photos vary, the tree writer has one size
+            write_lid_tree(root / "data/lid", train=images, val=max(8, images // 4))
         weights = write_weights(scratch / "weights")
-        document = paper_document(_repro_overrides(smoke, weights))
+        document = paper_document(_repro_overrides(smoke, weights, source))
         (root / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
         rows = []
@@ -125,7 +130,7 @@ def part_repro(out: Path, smoke: bool, images: int) -> dict:
         summary = json.loads((root / "metrics/evaluate.json").read_text()) if (root / "metrics/evaluate.json").is_file() else {}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    lines = [f"paper profile, one epoch per training stage, {images} training images of ~{size[0]} x {size[1]}",
+    lines = [f"paper profile, one epoch per training stage, {images} training images of ~{size[0]} x {size[1]} ({source.upper()} layout)",
              "", "| stage | seconds | peak GPU MiB | exit |", "|---|---:|---:|---:|"]
     lines += [f"| {r['stage']} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['exit']} |" if r["peak_mib"] is not None
               else f"| {r['stage']} | {r['seconds']:.1f} | n/a | {r['exit']} |" for r in rows]
@@ -143,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="throughput training batch (default 8 on CUDA, 2 on a CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per figure (default 5, 1 with --smoke)")
     parser.add_argument("--images", type=int, default=None, help="repro: training images (default 300, 6 with --smoke)")
+    parser.add_argument("--source", choices=("voc", "lid"), default="voc", help="repro: the layout of the generated tree")
+    parser.add_argument("--project", type=Path, default=None, help="repro: build and keep the project here (default: removed)")
     parser.add_argument("--wheels", type=Path, default=None, help="install every wheel of this folder first (benchmarks/gpu_wheels.py)")
     args = parser.parse_args(argv)
     if args.wheels is not None:  # before the first import of what they hold
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     images = args.images or (6 if args.smoke else 300)
     parts = {"tests": lambda: part_tests(args.out, args.smoke),
              "throughput": lambda: part_throughput(args.out, args.smoke, device, batch, steps),
-             "repro": lambda: part_repro(args.out, args.smoke, images)}
+             "repro": lambda: part_repro(args.out, args.smoke, images, args.source, args.project)}
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({torch.backends.cpu.get_cpu_capability()})"
     lines = [f"# GPU check{' (smoke)' if args.smoke else ''}: {device_name}, torch {torch.__version__}", "",
              "| part | ok | seconds | result |", "|---|---|---:|---|"]

@@ -24,7 +24,7 @@ TINY = {
 
 # The files that take minutes, longest first (`make test`: pytest-xdist hands out whole files in
 # collection order, --no-loadscope-reorder): started last, they would leave one worker running alone.
-SLOW_FILES = ("test_faults.py", "test_paper_repro_voc.py", "test_paper_repro_lid.py", "test_distributed.py", "test_gpu_check.py",
+SLOW_FILES = ("test_faults.py", "test_paper_repro_voc.py", "test_distributed.py", "test_gpu_check.py",
               "test_ablation.py", "test_dvc_pipeline.py")
 
 

@@ -15,7 +15,7 @@ from test_step3 import STEP3
 from wsss.data.manifest import ImageRecord, Manifest
 from wsss.errors import ConfigError, DataError
 from wsss.shards import MaskStore
-from wsss.person import merge_person, person_view, shows_person
+from wsss.person import PersonMerge, best_f1_threshold, merge_person, person_view, shows_person
 from wsss.stages.ablation import with_threshold
 from wsss.stages.ablation_cell import cell_segmenter
 from wsss.stages.common import background_knob
@@ -52,6 +52,33 @@ def test_person_view_reads_noisy_or_complete_labels_and_needs_a_person_class(tmp
         person_view(Manifest("voc", ("background", "a"), None, (), tmp_path), noisy=True)
     assert shows_person(0.1, (PERSON,), PERSON, 0.5) and shows_person(0.6, (), PERSON, 0.5)
     assert not shows_person(0.4, (1,), PERSON, 0.5)
+
+
+def test_the_presence_threshold_of_the_best_val_f1():
+    # F1 1.0 from any threshold in (0.3, 0.35]: the midpoint, not a value that a rerun's rounding could flip
+    assert best_f1_threshold(np.array([0.9, 0.8, 0.35, 0.3, 0.1]), np.array([1, 1, 1, 0, 0], bool)) == pytest.approx(0.325)
+    # a threshold takes every image of its value: 0.5 (F1 0.8) beats 0.9 and 0.1 (0.67 each)
+    assert best_f1_threshold(np.array([0.9, 0.5, 0.5, 0.1]), np.array([1, 1, 0, 0], bool)) == pytest.approx(0.3)
+    # ties: the lowest threshold (more recall); every image positive: below the lowest probability
+    assert best_f1_threshold(np.array([0.8, 0.6, 0.4, 0.2]), np.array([1, 0, 1, 0], bool)) == pytest.approx(0.3)
+    assert best_f1_threshold(np.array([0.7, 0.2]), np.array([1, 1], bool)) == pytest.approx(0.1)
+    assert best_f1_threshold(np.array([0.7, 0.2]), np.array([0, 0], bool)) == 0.5  # nothing to fit
+
+
+def test_an_auto_presence_threshold_is_read_from_the_person_classifier_s_index(tmp_path):
+    from wsss.config import CrfParams, PersonParams
+
+    (tmp_path / "index.json").write_text(json.dumps({"class_id": 4, "probability": {"val": {"a": 0.2}}, "presence_threshold": 0.15}))
+    merge = PersonMerge.of_folder(tmp_path, 4, PersonParams(presence_threshold="auto"), CrfParams())
+    assert merge.presence_threshold == 0.15
+    record = ImageRecord("a", "val", "a.png", None, (), ())
+    assert merge.shows_person("val", record, "predicted")  # 0.2 >= 0.15
+    assert PersonMerge.of_folder(tmp_path, 4, PersonParams(presence_threshold=0.5), CrfParams()).presence_threshold == 0.5
+    (tmp_path / "index.json").write_text(json.dumps({"class_id": 4, "probability": {"val": {"a": 0.2}}}))  # written before auto existed
+    with pytest.raises(DataError, match="re-run the person_classifier stage"):
+        PersonMerge.of_folder(tmp_path, 4, PersonParams(presence_threshold="auto"), CrfParams())
+    with pytest.raises(ValueError, match="presence_threshold"):
+        PersonParams(presence_threshold=1.5)
 
 
 def test_binary_scores_and_empty_counts():
@@ -230,7 +257,7 @@ def test_person_merge_decides_by_noisy_labels_image_labels_or_the_person_classif
                                                      for r in records])
     write_index(tmp_path / "train")
     merge = PersonMerge(tmp_path, {"train": {"a": 0.1, "b": 0.8, "c": 0.1}}, person,
-                        PersonParams(presence_threshold=0.5, cam_threshold=0.5, post_crf=False), CrfParams())
+                        PersonParams(presence_threshold=0.5, cam_threshold=0.5, post_crf=False), CrfParams(), 0.5)
     masks = [np.zeros((4, 4), np.uint8) for _ in records]
     for mask in masks:
         mask[0, 0] = 1  # an object in front of the person keeps its class

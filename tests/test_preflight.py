@@ -30,6 +30,7 @@ SCHEMA_RULES = {
     "EvaluateParams._positive_scales": ({"evaluate.tta_scales": [1.0, 0.0]}, "evaluate.tta_scales"),
     "SweepRange._ordered": ({"sweep.space": {"irnet.bg_weight": {"low": 2.0, "high": 1.0}}}, "sweep.space.irnet.bg_weight"),
     "SweepParams._known_keys": ({"sweep.space": {"irnet.beta": {"low": 1.0, "high": 2.0}}}, "sweep.space"),
+    "PersonParams._threshold_in_range": ({"person.presence_threshold": 1.5}, "person.presence_threshold"),
     "AblationParams._distinct": ({"ablation.encoders": ["classifier", "classifier"]}, "ablation.encoders"),
     "ComputeParams._known_launcher": ({"compute.launcher": "bash"}, "compute.launcher"),
     "Params._ablation_stride_fits": ({"segmenter.encoder": "resnet18", "segmenter.image_size": 72,

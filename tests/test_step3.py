@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import make_document
+from conftest import make_document, make_params
 from test_step1 import STEP2
 
 from wsss import serving, tracking
@@ -18,6 +18,7 @@ from wsss.cli import main
 from wsss.data.manifest import load_manifest
 from wsss.io import read_image, read_mask
 from wsss.models.segmenter import load_segmenter
+from wsss.person import best_f1_threshold
 from wsss.stages.report import headline_metrics, summary_markdown
 
 STEP3 = {**STEP2, "person.merge": True, "segmenter.epochs": 2, "segmenter.batch_size": 8, "segmenter.image_size": 32, "segmenter.decoder_channels": 16,
@@ -40,6 +41,14 @@ def _rows(path: Path) -> list[dict]:
 
 def test_step3_stages_train_evaluate_and_report(step2_project):
     root = step2_project
+    # the person classifier of the default: its last epoch kept, its presence threshold the best F1 on val
+    person = json.loads((root / "metrics/person_classifier.json").read_text())
+    index = json.loads((root / "cams_person/index.json").read_text())
+    val = load_manifest(root / "data/splits/val.json")
+    truth = np.array([val.person_class in r.labels for r in val.records])
+    chosen = best_f1_threshold(np.array([index["probability"]["val"][r.id] for r in val.records]), truth)
+    assert person["presence_rule"].startswith("auto") and person["presence_threshold"] == index["presence_threshold"] == chosen
+    assert person["checkpoint"] == "last" and person["kept_epoch"] == make_params(STEP3).person.epochs
     for stage in ("train-segmenter", "oracle", "evaluate", "report"):
         assert main([stage, "--root", str(root)]) == 0, stage
 

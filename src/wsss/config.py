@@ -406,13 +406,24 @@ class PersonParams(_Group):
 
     merge: bool = False  # main pipeline: the person merged into the pseudo masks (the paper's "Person: yes")
     epochs: int = Field(10, ge=1)
-    presence_threshold: float = Field(0.5, gt=0, lt=1)  # P(person) from which an image counts as showing one
+    # which epoch's weights are kept: the last, or the one of the best val F1 at P >= 0.5 (trained on noisy
+    # negatives, P(person) hovers about 0.5 and that F1 jumps between epochs: the kept CAMs with it)
+    checkpoint: Literal["last", "best"] = "last"
+    # P(person) from which an image counts as showing one; auto: the threshold of the best F1 on val, whose
+    # labels are complete (the noisy negatives of training bias P down by an amount that changes with the run)
+    presence_threshold: float | Literal["auto"] = "auto"
     cam_threshold: float = Field(0.3, gt=0, lt=1)  # person CAM (max-normalised) from which a background pixel becomes person
     post_crf: bool = True  # dense CRF (crf group) on the merged masks
     # main pipeline, with merge and irnet.background: walk: in an image that shows a person, the walk's background
     # seed is at least this times the person CAM (max-normalised), so objects' CAMs that spill over the person behind
     # them lose that region to the background before the merge gives it to the person (0: off, as the paper)
     background_seed: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> PersonParams:
+        if self.presence_threshold != "auto" and not 0 < self.presence_threshold < 1:
+            raise ValueError(f"presence_threshold: {self.presence_threshold} is not in (0, 1); give a probability or auto")
+        return self
 
 
 class AblationParams(_Group):

@@ -48,6 +48,24 @@ def shows_person(probability: float, labels: tuple[int, ...], person: int, prese
     return person in labels or probability >= presence_threshold
 
 
+def best_f1_threshold(probability: np.ndarray, truth: np.ndarray) -> float:
+    """The threshold on ``probability`` whose predictions ``probability >= t`` have the best F1 against the
+    boolean ``truth`` (the lowest such t on ties; 0.5 when ``truth`` has no positive): every distinct
+    probability is a candidate, the midpoint below it is returned so that a rerun's rounding does not flip it."""
+    if not truth.any():
+        return 0.5
+    order = np.argsort(-probability, kind="stable")
+    ranked, hits = probability[order], truth[order].astype(np.int64)
+    true_positives = np.cumsum(hits)
+    predicted = np.arange(1, len(ranked) + 1)
+    last_of_value = np.r_[ranked[1:] != ranked[:-1], True]  # a threshold takes every image of its value
+    f1 = np.where(last_of_value, 2 * true_positives / (predicted + int(truth.sum())), -1.0)
+    cut = int(np.argmax(f1[::-1]))  # the last best position: the lowest threshold among ties
+    position = len(f1) - 1 - cut
+    below = ranked[position + 1] if position + 1 < len(ranked) else 0.0
+    return float((ranked[position] + below) / 2)
+
+
 def peak_normalised(person_map: np.ndarray) -> np.ndarray:
     """``person_map`` divided by its peak: 1 at the strongest pixel; all zeros for a map without a
     positive value."""
@@ -89,6 +107,7 @@ class PersonMerge:
     person: int
     config: PersonParams
     crf: CrfParams
+    presence_threshold: float  # person.presence_threshold, or under auto the one the person_classifier stage chose on val
     _stores: dict = field(default_factory=dict, compare=False, repr=False)  # split -> CamStore, opened once
 
     @classmethod
@@ -103,7 +122,13 @@ class PersonMerge:
         index = read_json(index_path)
         if not index.get("available", True) or "probability" not in index:
             raise DataError(index_path, "no person CAMs in this folder (re-run the person_classifier stage)")
-        return cls(Path(cams_root), index["probability"], person, config, crf)
+        threshold = config.presence_threshold
+        if threshold == "auto":
+            if "presence_threshold" not in index:
+                raise DataError(index_path, "no presence threshold chosen on val (person.presence_threshold: auto): "
+                                            "re-run the person_classifier stage")
+            threshold = float(index["presence_threshold"])
+        return cls(Path(cams_root), index["probability"], person, config, crf, threshold)
 
     def _store(self, split: str):
         from wsss.cam import CamStore
@@ -128,8 +153,8 @@ class PersonMerge:
         except KeyError:
             raise DataError(self.cams_root / "index.json", f"no person probability for {split} image {record.id}") from None
         if presence == "predicted":
-            return probability >= self.config.presence_threshold
-        return shows_person(probability, record.source_labels, self.person, self.config.presence_threshold)
+            return probability >= self.presence_threshold
+        return shows_person(probability, record.source_labels, self.person, self.presence_threshold)
 
     def apply(self, split: str, records: list[ImageRecord], image_of: Callable[[int], np.ndarray], masks: list[np.ndarray],
               presence: Presence) -> tuple[list[np.ndarray], int]:

@@ -22,7 +22,7 @@ from wsss.config import Params, flatten
 from wsss.io import atomic_dir, read_image, read_mask, write_json
 from wsss.metrics import confusion_matrix, segmentation_scores
 from wsss.models.classifier import classifier_state, load_trained_classifier
-from wsss.person import PersonMerge, person_view
+from wsss.person import PersonMerge, best_f1_threshold, person_view
 from wsss.shards import MASK, MaskStore, shard_name, shard_numbers, write_index, write_shard
 from wsss.stages.common import load_splits, unfinished_run
 from wsss.stages.paths import INDEX_FILE, PERSON_CAMS, PERSON_METRICS, PERSON_MODEL, PREPARED_DIR, SPLITS_DIR
@@ -71,8 +71,9 @@ def run_person_classifier(params: Params, root: Path) -> dict:
         result = train_classifier(binary_params, views["train"], views["val"], root / PERSON_CHECKPOINTS, run_fingerprint,
                                   lambda r: mlflow.log_metrics({"loss": r.loss, "val_f1_at_0.5": r.macro_f1}, step=r.epoch),
                                   extra_state={"mlflow_run_id": run.info.run_id})
-        best = checkpoint.load(root / PERSON_CHECKPOINTS / BEST)
-        checkpoint.save(root / PERSON_MODEL, classifier_state(best["model"], config.arch, config.extra_convs, [person],
+        kept_epoch = config.epochs if params.person.checkpoint == "last" else result.best_epoch
+        kept = checkpoint.load(root / PERSON_CHECKPOINTS / (LAST if params.person.checkpoint == "last" else BEST))
+        checkpoint.save(root / PERSON_MODEL, classifier_state(kept["model"], config.arch, config.extra_convs, [person],
                                                               train.class_names, config.image_size))
         model, _ = load_trained_classifier(root / PERSON_MODEL)
         torch.set_num_threads(distributed.available_cpus())
@@ -84,12 +85,16 @@ def run_person_classifier(params: Params, root: Path) -> dict:
                                          desc=f"person cams {split}", workers=params.compute.workers,
                                          shard_size=params.compute.shard_size)
                 probability[split] = {s.id: s.confidence for s in summaries}
-            write_json(staging / INDEX_FILE, {"class_id": person, "probability": probability})
+            val_truth = np.array([person in r.labels for r in val.records])  # complete: from the masks
+            val_probability = np.array([probability["val"][r.id] for r in val.records])
+            threshold = params.person.presence_threshold
+            if threshold == "auto":
+                threshold = best_f1_threshold(val_probability, val_truth)
+            write_json(staging / INDEX_FILE, {"class_id": person, "probability": probability, "presence_threshold": threshold})
 
-        threshold = params.person.presence_threshold
-        val_truth = np.array([person in r.labels for r in val.records])
-        val_scores = binary_scores(np.array([probability["val"][r.id] >= threshold for r in val.records]), val_truth)
-        metrics = {"presence_threshold": threshold, "best_epoch": result.best_epoch, "val": val_scores}
+        val_scores = binary_scores(val_probability >= threshold, val_truth)
+        metrics = {"presence_threshold": threshold, "presence_rule": "auto (best F1 on val)" if params.person.presence_threshold == "auto" else "fixed",
+                   "checkpoint": params.person.checkpoint, "kept_epoch": kept_epoch, "best_epoch": result.best_epoch, "val": val_scores}
         shown = [r for r in train.records if r.mask_labels is not None and person in r.mask_labels]
         if shown:  # embedded and VOC data know which training images really show a person
             unlabelled = [r for r in shown if person not in r.source_labels]
@@ -100,7 +105,8 @@ def run_person_classifier(params: Params, root: Path) -> dict:
                                            if unlabelled else None),
             }
         write_json(root / PERSON_METRICS, metrics)
-        mlflow.log_metrics({f"val_{k}": v for k, v in val_scores.items()} | {"best_epoch": result.best_epoch})
+        mlflow.log_metrics({f"val_{k}": v for k, v in val_scores.items()} | {"best_epoch": result.best_epoch, "kept_epoch": kept_epoch,
+                                                                             "presence_threshold": threshold})
         mlflow.log_artifact(str(root / PERSON_METRICS))
     return metrics
 
