@@ -6,12 +6,13 @@ bound and the person merge's gain, per seed and as mean +/- standard deviation.
 ``dvc repro`` in a scratch clone of this repository's committed ``HEAD`` (this checkout's virtual
 environment, the clone's ``src`` first on ``PYTHONPATH``, its own MLflow store); the clones after the
 first take ``data/prepared`` and ``data/splits`` from the first and record them with ``dvc commit``
-instead of re-running the two stages. A seed whose clone already holds a result is not run again, so a
-killed benchmark continues where it stopped. ``--workspace`` counts this checkout's own run as the seed
+instead of re-running the two stages. A seed whose clone holds a result of ``HEAD`` is not run again, so a
+killed benchmark continues where it stopped; after a new commit the clones move to it with their outputs
+and ``dvc repro`` re-runs only the stages it changed (the earlier results stay, ``--commit`` shows them). ``--workspace`` counts this checkout's own run as the seed
 of its ``params.yaml`` (when ``dvc status`` finds it up to date at ``HEAD``).
 
     python benchmarks/seeds.py [--seeds 2020 2021 2022] [--set compute.precision=fp32] [--work DIR] [--workspace]
-    python benchmarks/seeds.py --table-only --work DIR      # print the table of the seeds already run
+    python benchmarks/seeds.py --table-only --work DIR [--commit abc1234]     # the table of the seeds already run
 """
 
 from __future__ import annotations
@@ -161,8 +162,9 @@ def _resolved_precision(clone: Path, env: dict[str, str]) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`wsss.stage` = 'train_classifier'")
-    return str(runs["tags.wsss.precision"].iloc[0]) if len(runs) else "unknown"
+    runs = mlflow.search_runs(search_all_experiments=True, order_by=["attributes.start_time DESC"])
+    tagged = runs["tags.wsss.precision"].dropna() if "tags.wsss.precision" in runs else []
+    return str(tagged.iloc[0]) if len(tagged) else "unknown"
 
 
 def run_seed(seed: int, work: Path, overrides: dict[str, object], shared_from: Path | None, log) -> dict:
@@ -172,6 +174,8 @@ def run_seed(seed: int, work: Path, overrides: dict[str, object], shared_from: P
     if not (clone / ".git").exists():
         shutil.rmtree(clone, ignore_errors=True)
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    elif _head(clone) != _head(REPO):
+        update_clone(clone)
     set_params(clone / "params.yaml", {**overrides, "seed": seed})
     env = _environment(clone)
     if shared_from is not None and not (clone / SHARED_OUTPUTS[-1]).exists():
@@ -187,6 +191,18 @@ def run_seed(seed: int, work: Path, overrides: dict[str, object], shared_from: P
     result = {"seed": seed, "commit": _head(clone), "overrides": overrides, "precision": _resolved_precision(clone, env), "row": row}
     (clone / RESULT).write_text(json.dumps(result, indent=2))
     return result
+
+
+def update_clone(clone: Path) -> None:
+    """Move a seed's clone to this repository's ``HEAD``, keeping its outputs and its ``dvc.lock``: the next
+    ``dvc repro`` re-runs only the stages the new commit changed. Its result so far is kept under its commit."""
+    result = clone / RESULT
+    if result.exists():
+        result.rename(clone / f"seed-result-{json.loads(result.read_text())['commit']}.json")
+    lock = (clone / "dvc.lock").read_bytes()
+    subprocess.run(["git", "checkout", "--quiet", "--", "params.yaml", "dvc.lock"], cwd=clone, check=True)
+    subprocess.run(["git", "pull", "--quiet", "--ff-only", str(REPO), "HEAD"], cwd=clone, check=True)
+    (clone / "dvc.lock").write_bytes(lock)
 
 
 def workspace_result(overrides: dict[str, object]) -> dict:
@@ -231,6 +247,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/wsss-seeds"), help="scratch clones, one per seed (kept: a re-run resumes)")
     parser.add_argument("--workspace", action="store_true", help="count this checkout's own up-to-date run as its seed")
     parser.add_argument("--table-only", action="store_true", help="print the table of the seeds that have a result; run nothing")
+    parser.add_argument("--commit", default=None, help="--table-only: the results of this (short) commit, kept when a clone moved on")
     args = parser.parse_args()
     overrides = dict(args.overrides)
     work = args.work.resolve()
@@ -240,11 +257,15 @@ def main() -> None:
     results = [workspace_result(overrides)] if args.workspace else []
     shared_from = REPO if args.workspace else None
     for seed in args.seeds:
-        stored = work / f"seed-{seed}" / RESULT
+        stored = work / f"seed-{seed}" / (RESULT if args.commit is None else f"seed-result-{args.commit}.json")
+        if args.commit is not None and not stored.exists():
+            stored = work / f"seed-{seed}" / RESULT
         if any(r["seed"] == seed for r in results):
             continue
-        if stored.exists():
+        if stored.exists() and (args.table_only or json.loads(stored.read_text())["commit"] == _head(REPO)):
             result = json.loads(stored.read_text())
+            if args.commit is not None and result["commit"] != args.commit:
+                continue
         elif args.table_only:
             continue
         else:

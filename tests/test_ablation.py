@@ -33,6 +33,10 @@ def test_merge_person_fills_only_background_above_the_threshold():
     assert merged.tolist() == [[PERSON, 0, 2], [PERSON, 3, PERSON]]
     assert mask.tolist() == [[0, 0, 2], [0, 3, 0]]  # the input is not modified
     assert merge_person(mask, np.zeros_like(person_map), PERSON, 0.5).tolist() == mask.tolist()
+    # "mean": the normalised map's own mean, (1 + .22 + 1 + .56 + 1 + .5) / 6 = 0.71, is the threshold
+    assert merge_person(mask, person_map, PERSON, "mean").tolist() == [[PERSON, 0, 2], [0, 3, 0]]
+    assert merge_person(mask, person_map * 3, PERSON, "mean").tolist() == [[PERSON, 0, 2], [0, 3, 0]]  # scale-free
+    assert merge_person(mask, np.zeros_like(person_map), PERSON, "mean").tolist() == mask.tolist()
     with pytest.raises(ValueError, match="differ in size"):
         merge_person(mask, person_map[:, :2], PERSON, 0.5)
 
@@ -79,6 +83,8 @@ def test_an_auto_presence_threshold_is_read_from_the_person_classifier_s_index(t
         PersonMerge.of_folder(tmp_path, 4, PersonParams(presence_threshold="auto"), CrfParams())
     with pytest.raises(ValueError, match="presence_threshold"):
         PersonParams(presence_threshold=1.5)
+    with pytest.raises(ValueError, match="cam_threshold"):
+        PersonParams(cam_threshold=0.0)
 
 
 def test_binary_scores_and_empty_counts():

@@ -412,7 +412,9 @@ class PersonParams(_Group):
     # P(person) from which an image counts as showing one; auto: the threshold of the best F1 on val, whose
     # labels are complete (the noisy negatives of training bias P down by an amount that changes with the run)
     presence_threshold: float | Literal["auto"] = "auto"
-    cam_threshold: float = Field(0.3, gt=0, lt=1)  # person CAM (max-normalised) from which a background pixel becomes person
+    # person CAM (max-normalised) from which a background pixel becomes person; mean: the image's own mean of that
+    # map (how far a run's person CAMs spread varies: the best constant moved from 0.2 to 0.4 between seeds)
+    cam_threshold: float | Literal["mean"] = 0.3
     post_crf: bool = True  # dense CRF (crf group) on the merged masks
     # main pipeline, with merge and irnet.background: walk: in an image that shows a person, the walk's background
     # seed is at least this times the person CAM (max-normalised), so objects' CAMs that spill over the person behind
@@ -423,6 +425,8 @@ class PersonParams(_Group):
     def _threshold_in_range(self) -> PersonParams:
         if self.presence_threshold != "auto" and not 0 < self.presence_threshold < 1:
             raise ValueError(f"presence_threshold: {self.presence_threshold} is not in (0, 1); give a probability or auto")
+        if self.cam_threshold != "mean" and not 0 < self.cam_threshold < 1:
+            raise ValueError(f"cam_threshold: {self.cam_threshold} is not in (0, 1); give a fraction of the CAM's peak or mean")
         return self
 
 

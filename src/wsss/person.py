@@ -5,7 +5,7 @@ and ``split`` drops them), so the walk's pseudo masks never contain it. A separa
 classifier, trained on the noisy person labels, gives a person CAM, merged into the pseudo masks
 (:class:`PersonMerge`; the main pipeline's ``pseudo_masks`` under ``person.merge``, the ablation's
 ``person_masks``): in an image that shows a person, background pixels whose person CAM reaches
-``person.cam_threshold`` become person; pixels already given to another class keep it (objects in
+``person.cam_threshold`` (or the map's own mean) become person; pixels already given to another class keep it (objects in
 front of a person stay themselves); the dense CRF then refines the merged masks (``person.post_crf``).
 In the main pipeline the person CAM also floors the walk's background seed (``person.background_seed``,
 :meth:`PersonMerge.background_floor`): an object's CAM that spills over the person behind it would
@@ -75,13 +75,18 @@ def peak_normalised(person_map: np.ndarray) -> np.ndarray:
     return (person_map / peak).astype(np.float32)
 
 
-def merge_person(mask: np.ndarray, person_map: np.ndarray, person: int, cam_threshold: float) -> np.ndarray:
+def merge_person(mask: np.ndarray, person_map: np.ndarray, person: int, cam_threshold: float | str) -> np.ndarray:
     """Background pixels of ``mask`` whose ``person_map`` (max-normalised CAM, same size) reaches
-    ``cam_threshold`` (> 0) become ``person``; every other pixel keeps its label."""
+    ``cam_threshold`` (> 0; ``"mean"``: the normalised map's own mean) become ``person``; every other
+    pixel keeps its label. A map without a positive value changes nothing."""
     if mask.shape != person_map.shape:
         raise ValueError(f"mask {mask.shape} and person map {person_map.shape} differ in size")
+    normalised = peak_normalised(person_map)
+    if not normalised.any():
+        return mask.copy()
+    threshold = float(normalised.mean()) if cam_threshold == "mean" else cam_threshold
     merged = mask.copy()
-    merged[(mask == 0) & (peak_normalised(person_map) >= cam_threshold)] = person
+    merged[(mask == 0) & (normalised >= threshold)] = person
     return merged
 
 
