@@ -50,7 +50,7 @@ COLUMNS = (
 )
 DIAGNOSTICS = (
     ("classifier_macro_f1", "classifier macro-F1", "pct"),
-    ("person_best_epoch", "person best epoch", "int"),
+    ("person_best_epoch", "person: epoch of the best F1 at 0.5", "int"),
     ("person_f1", "person F1 (val)", "pct"),
     ("irnet_images", "IRNet images", "int"),
     ("val_pseudo_masks_image_labels", "val pseudo masks, image labels", "pct"),

@@ -238,7 +238,8 @@ def test_step2_stages_write_ir_labels_irnet_and_pseudo_masks(split_project, caps
 
 def write_made_up_person_cams(root: Path, size: int = 32) -> dict[str, dict[str, float]]:
     """Person CAMs as the person_classifier stage stores them in ``root/cams_person`` (made up: its
-    training is tested elsewhere): the left half of every image, P(person) 0.01 or 0.9 in turn. Returns
+    training is tested elsewhere): the left half of every image, P(person) 0.01 or 0.9 in turn, presence
+    threshold 0.5. Returns
     the probabilities per split."""
     from wsss.cam import ImageCams, cams_arrays
     from wsss.shards import write_index, write_shard
@@ -253,7 +254,8 @@ def write_made_up_person_cams(root: Path, size: int = 32) -> dict[str, dict[str,
         arrays = cams_arrays(ImageCams(np.array([person]), left[:, ::4, ::4], left, np.array([0.5]), np.array([person]), 0.5))
         write_shard(root / "cams_person" / split / "shard-00000.npz", [(r.id, arrays) for r in manifest.records])
         write_index(root / "cams_person" / split)
-    (root / "cams_person/index.json").write_text(json.dumps({"class_id": person, "probability": probability}))
+    # the stage writes the presence threshold it used (chosen on val under person.presence_threshold: auto)
+    (root / "cams_person/index.json").write_text(json.dumps({"class_id": person, "probability": probability, "presence_threshold": 0.5}))
     return probability
 
 
