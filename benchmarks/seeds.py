@@ -140,13 +140,12 @@ def read_project_metrics(project: Path) -> dict[str, dict]:
 
 
 def set_params(params_file: Path, overrides: dict[str, object]) -> dict:
+    sys.path.insert(0, str(REPO / "tests"))
+    from paper_project import set_dotted
+
     document = yaml.safe_load(params_file.read_text())
     for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = document
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        set_dotted(document, dotted, value)
     params_file.write_text(yaml.safe_dump(document, sort_keys=False))
     return document
 
