@@ -198,10 +198,14 @@ def update_clone(clone: Path) -> None:
     result = clone / RESULT
     if result.exists():
         result.rename(clone / f"seed-result-{json.loads(result.read_text())['commit']}.json")
-    lock = (clone / "dvc.lock").read_bytes()
-    subprocess.run(["git", "checkout", "--quiet", "--", "params.yaml", "dvc.lock"], cwd=clone, check=True)
+    # the run changed tracked files (dvc.lock, the uncached metrics, plots and report): kept, except params.yaml
+    changed = subprocess.run(["git", "diff", "--name-only", "-z"], cwd=clone, capture_output=True, check=True).stdout.decode()
+    kept = {name: (clone / name).read_bytes() for name in filter(None, changed.split("\0"))
+            if name != "params.yaml" and (clone / name).is_file()}
+    subprocess.run(["git", "checkout", "--quiet", "--", "."], cwd=clone, check=True)
     subprocess.run(["git", "pull", "--quiet", "--ff-only", str(REPO), "HEAD"], cwd=clone, check=True)
-    (clone / "dvc.lock").write_bytes(lock)
+    for name, content in kept.items():
+        (clone / name).write_bytes(content)
 
 
 def workspace_result(overrides: dict[str, object]) -> dict:

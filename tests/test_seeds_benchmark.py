@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,3 +57,41 @@ def test_the_seed_itself_and_a_key_without_a_value_are_refused(text):
         seeds._parse_override(text)
     assert seeds._parse_override("compute.precision=fp32") == ("compute.precision", "fp32")
     assert seeds._parse_override("data.embedded.classes=[bag, shirt]") == ("data.embedded.classes", ["bag", "shirt"])
+
+
+def _git(*args: str, cwd: Path) -> str:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": os.environ["PATH"], "HOME": str(cwd)}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout
+
+
+def test_a_clone_moves_to_the_new_head_keeping_its_run(tmp_path, monkeypatch):
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    for name, text in {"params.yaml": "seed: 2020\n", "dvc.lock": "lock of the repo\n", "metrics/summary.json": "{}\n",
+                       "src.py": "v1\n"}.items():
+        (origin / name).parent.mkdir(parents=True, exist_ok=True)
+        (origin / name).write_text(text)
+    _git("init", "-q", cwd=origin)
+    _git("add", "-A", cwd=origin)
+    _git("commit", "-qm", "one", cwd=origin)
+    clone = tmp_path / "seed-7"
+    _git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    # the seed's run: its params, lock, uncached metrics and result
+    (clone / "params.yaml").write_text("seed: 7\n")
+    (clone / "dvc.lock").write_text("lock of seed 7\n")
+    (clone / "metrics/summary.json").write_text('{"miou": 0.5}\n')
+    (clone / seeds.RESULT).write_text(json.dumps({"commit": _git("rev-parse", "--short", "HEAD", cwd=clone).strip()}))
+    # the repository moves on, re-recording the same tracked files
+    (origin / "src.py").write_text("v2\n")
+    (origin / "metrics/summary.json").write_text('{"miou": 0.9}\n')
+    (origin / "params.yaml").write_text("seed: 2020\nnew: 1\n")
+    _git("commit", "-qam", "two", cwd=origin)
+    monkeypatch.setattr(seeds, "REPO", origin)
+
+    seeds.update_clone(clone)
+    assert _git("rev-parse", "HEAD", cwd=clone) == _git("rev-parse", "HEAD", cwd=origin)
+    assert (clone / "src.py").read_text() == "v2\n" and (clone / "params.yaml").read_text() == "seed: 2020\nnew: 1\n"
+    assert (clone / "dvc.lock").read_text() == "lock of seed 7\n"  # DVC re-runs only what the new commit changed
+    assert (clone / "metrics/summary.json").read_text() == '{"miou": 0.5}\n'
+    assert not (clone / seeds.RESULT).exists() and len(list(clone.glob("seed-result-*.json"))) == 1
