@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from paper_project import set_dotted
 
 from wsss.config import Params, validate_params
 
@@ -22,10 +23,12 @@ TINY = {
 }
 
 
-# The files that take minutes, longest first (`make test`: pytest-xdist hands out whole files in
-# collection order, --no-loadscope-reorder): started last, they would leave one worker running alone.
-SLOW_FILES = ("test_faults.py", "test_paper_repro_voc.py", "test_distributed.py", "test_gpu_check.py",
-              "test_ablation.py", "test_dvc_pipeline.py")
+# The files that take more than ~10 s, longest first (`make test`: pytest-xdist hands out whole files in
+# collection order, --no-loadscope-reorder): one started last would leave the other worker, and its core, idle
+# at the end (longest first: the tail is a short file). Worker seconds per file, benchmarks/README.md.
+SLOW_FILES = ("test_paper_repro_voc.py", "test_distributed.py", "test_faults.py", "test_dvc_pipeline.py",
+              "test_ablation.py", "test_gpu_check.py", "test_sweep.py", "test_segmentation.py", "test_step1.py",
+              "test_step3.py", "test_paper_path.py", "test_heap.py")
 
 
 def pytest_configure(config) -> None:
@@ -42,14 +45,6 @@ def pytest_configure(config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: index for index, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: each file's own order stays
-
-
-def set_dotted(document: dict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    node = document
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
 
 
 def default_document() -> dict:
