@@ -9,7 +9,8 @@ first take ``data/prepared`` and ``data/splits`` from the first and record them 
 instead of re-running the two stages. A seed whose clone holds a result of ``HEAD`` is not run again, so a
 killed benchmark continues where it stopped; after a new commit the clones move to it with their outputs
 and ``dvc repro`` re-runs only the stages it changed (the earlier results stay, ``--commit`` shows them). ``--workspace`` counts this checkout's own run as the seed
-of its ``params.yaml`` (when ``dvc status`` finds it up to date at ``HEAD``).
+of its ``params.yaml`` (when ``dvc status`` finds it up to date at ``HEAD``). The text also goes to
+``reports/seeds.md`` (linked by the run report) unless ``--set`` changes the default; ``--out`` names another file.
 
     python benchmarks/seeds.py [--seeds 2020 2021 2022] [--set compute.precision=fp32] [--work DIR] [--workspace]
     python benchmarks/seeds.py --table-only --work DIR [--commit abc1234]     # the table of the seeds already run
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from wsss.stages.report import SEEDS_REPORT
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_STAGES = ("prepare", "split")
@@ -56,7 +59,7 @@ DIAGNOSTICS = (
     ("val_pseudo_masks_image_labels", "val pseudo masks, image labels", "pct"),
     ("val_before_merge_image_labels", "... before the merge", "pct"),
     ("segmenter_best_epoch", "segmenter best epoch", "int"),
-    ("minutes", "minutes", "float"),
+    ("minutes", "minutes (the stages this call re-ran)", "float"),
 )
 
 
@@ -252,6 +255,9 @@ def main() -> None:
     parser.add_argument("--workspace", action="store_true", help="count this checkout's own up-to-date run as its seed")
     parser.add_argument("--table-only", action="store_true", help="print the table of the seeds that have a result; run nothing")
     parser.add_argument("--commit", default=None, help="--table-only: the results of this (short) commit, kept when a clone moved on")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"also write the text to this markdown file (default: {SEEDS_REPORT}, which the run report links, "
+                             "when no --set changes the default)")
     args = parser.parse_args()
     overrides = dict(args.overrides)
     work = args.work.resolve()
@@ -279,19 +285,25 @@ def main() -> None:
         results.append(result)
     if not results:
         raise SystemExit(f"no seed has a result under {work}")
+    text = report(results, overrides)
+    print(text, end="")
+    if args.out is None and not overrides:
+        args.out = REPO / SEEDS_REPORT
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"# Whole-pipeline seeds: `python benchmarks/seeds.py`\n\n{text}")
+
+
+def report(results: list[dict], overrides: dict[str, object]) -> str:
+    """The benchmark's text: what ran where, the two tables and the targets."""
     rows, seeds = [r["row"] for r in results], [r["seed"] for r in results]
     precisions = sorted({r["precision"] for r in results})
     commits = sorted({r["commit"] for r in results})
-    print(f"{len(seeds)} seeds, commit {', '.join(commits)}, precision {', '.join(precisions)}, {cpu_name()}, "
-          f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
-          + (f", overrides {overrides}" if overrides else ""))
-    print()
-    print(markdown(seeds, rows))
-    print()
-    print(markdown(seeds, rows, DIAGNOSTICS))
-    print()
-    for name, met in targets(rows).items():
-        print(f"- {name}: {'met' if met else 'NOT met'}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    header = (f"{len(seeds)} seeds, commit {', '.join(commits)}, precision {', '.join(precisions)}, {cpu_name()}, {cores} cores"
+              + (f", overrides {overrides}" if overrides else ""))
+    met = [f"- {name}: {'met' if held else 'NOT met'}" for name, held in targets(rows).items()]
+    return "\n\n".join([header, markdown(seeds, rows), markdown(seeds, rows, DIAGNOSTICS), "\n".join(met)]) + "\n"
 
 
 if __name__ == "__main__":

@@ -49,6 +49,10 @@ def test_mean_spread_and_targets_over_seeds():
     table = seeds.markdown([1, 2, 3], rows)
     assert "| share (TTA) | 87.5 | 82.5 | 77.5 | 82.5 +/- 5.0 | 77.5 |" in table
     assert math.isclose(seeds.aggregate(rows[:1])["share_tta"]["std"], 0.0)
+    results = [{"seed": s, "commit": "abc1234", "precision": "fp32", "row": {**row, "minutes": 30.0}} for s, row in zip((1, 2, 3), rows)]
+    text = seeds.report(results, {"data.seed": 5})
+    assert text.startswith("3 seeds, commit abc1234, precision fp32, ") and "overrides {'data.seed': 5}" in text.splitlines()[0]
+    assert table in text and "| IRNet images |" in text and text.endswith("- no seed below 80%: NOT met\n")
 
 
 @pytest.mark.parametrize("text", ["seed=3", "compute.precision"])
@@ -95,3 +99,10 @@ def test_a_clone_moves_to_the_new_head_keeping_its_run(tmp_path, monkeypatch):
     assert (clone / "dvc.lock").read_text() == "lock of seed 7\n"  # DVC re-runs only what the new commit changed
     assert (clone / "metrics/summary.json").read_text() == '{"miou": 0.5}\n'
     assert not (clone / seeds.RESULT).exists() and len(list(clone.glob("seed-result-*.json"))) == 1
+
+
+def test_the_seed_report_that_the_run_report_links_is_in_the_repository():
+    from wsss.stages.report import SEEDS_REPORT
+
+    text = (seeds.REPO / SEEDS_REPORT).read_text()
+    assert text.startswith("# Whole-pipeline seeds") and "| share (TTA + CRF) |" in text and "precision fp32" in text

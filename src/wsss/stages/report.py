@@ -16,6 +16,7 @@ from wsss.io import atomic_write_bytes, read_json, write_json
 from wsss.stages.paths import EVALUATE_METRICS, ORACLE_METRICS, PREDICTED, SEGMENTER_METRICS
 
 REPORT = Path("reports/summary.md")
+SEEDS_REPORT = Path("reports/seeds.md")  # written by benchmarks/seeds.py --out
 SUMMARY = Path("metrics/summary.json")
 # The paper's numbers (LID 2020), for orientation beside this run's.
 PAPER_TABLE2_VAL = {"cam_crf": 0.3106, "irnet": 0.3187, "segmentation_tta": 0.3964}
@@ -61,6 +62,9 @@ def summary_markdown(stage_metrics: dict[str, dict]) -> str:
     ordering = table2_ordering(steps)
     lines = [
         "# wsss: summary of this run",
+        "",
+        "One run of one `seed`: steps 1-2 move the numbers below by several points from seed to seed. The CPU default's "
+        f"mean and spread over whole-pipeline seeds: `{SEEDS_REPORT}` (`python benchmarks/seeds.py`).",
         "",
         "## Table 2: each step on val (mIoU, %)",
         "",
