@@ -16,7 +16,7 @@ from wsss.io import atomic_write_bytes, read_json, write_json
 from wsss.stages.paths import EVALUATE_METRICS, ORACLE_METRICS, PREDICTED, SEGMENTER_METRICS
 
 REPORT = Path("reports/summary.md")
-SEEDS_REPORT = Path("reports/seeds.md")  # written by benchmarks/seeds.py --out
+SEEDS_REPORT = Path("reports/seeds.md")  # written by benchmarks/seeds.py (the default over seeds)
 SUMMARY = Path("metrics/summary.json")
 # The paper's numbers (LID 2020), for orientation beside this run's.
 PAPER_TABLE2_VAL = {"cam_crf": 0.3106, "irnet": 0.3187, "segmentation_tta": 0.3964}
