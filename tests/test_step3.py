@@ -19,7 +19,7 @@ from wsss.data.manifest import load_manifest
 from wsss.io import read_image, read_mask
 from wsss.models.segmenter import load_segmenter
 from wsss.person import best_f1_threshold
-from wsss.stages.report import headline_metrics, summary_markdown
+from wsss.stages.report import SEEDS_REPORT, headline_metrics, summary_markdown
 
 STEP3 = {**STEP2, "person.merge": True, "segmenter.epochs": 2, "segmenter.batch_size": 8, "segmenter.image_size": 32, "segmenter.decoder_channels": 16,
          "segmenter.threads": 1, "evaluate.tta_scales": [1.0, 0.5], "evaluate.num_figures": 2,
@@ -169,6 +169,7 @@ def test_summary_tables_and_the_ratio_to_the_upper_bound():
     assert "| this run, TTA | 51.00 | 61.00 | 90.00 |" in text
     assert "**85.00 %** of the upper bound's test mIoU; 86.15 % without the person class" in text
     assert "CRF" not in text.split("## Table 1")[1].split("Per-class IoU")[0]
+    assert "One run of one `seed`" in text.split("## Table 2")[0] and f"`{SEEDS_REPORT}`" in text  # the mean over seeds is elsewhere
 
     # with evaluate.crf the final numbers, the upper bound's included, are those after the CRF
     crf = {**metrics, "evaluate": {"final_mode": "tta_crf",
