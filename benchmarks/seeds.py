@@ -34,6 +34,8 @@ import yaml
 from wsss.stages.report import SEEDS_REPORT
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from paper_project import set_dotted  # noqa: E402  (the tests' helper: one copy)
 SHARED_STAGES = ("prepare", "split")
 SHARED_OUTPUTS = ("data/prepared", "data/splits")
 RESULT = "seed-result.json"
@@ -143,9 +145,6 @@ def read_project_metrics(project: Path) -> dict[str, dict]:
 
 
 def set_params(params_file: Path, overrides: dict[str, object]) -> dict:
-    sys.path.insert(0, str(REPO / "tests"))
-    from paper_project import set_dotted
-
     document = yaml.safe_load(params_file.read_text())
     for dotted, value in overrides.items():
         set_dotted(document, dotted, value)
